@@ -1,0 +1,98 @@
+"""Shared fixtures, built once per session: a small real BPE tokenizer with CSM's special tokens, and a
+random transformers CSM (with the real Mimi architecture as its codec) beside our model with the same
+weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>", "<|pad|>"]
+SENTENCES = [
+    "The past is just a story we tell ourselves.",
+    "We have a chance for a new life here.",
+    "Do you remember the lead singer of that band?",
+    "I wound the bandage around the wound.",
+    "She sat in the front row and began to row.",
+    "A tear rolled down as she saw the tear in the paper.",
+]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    """A byte-level BPE trained here: real tokenization, CSM's special tokens, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|pad|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(hf_tokenizer):
+    from csm_train.layout import TransformersTokenizer
+
+    return TransformersTokenizer(hf_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(hf_tokenizer):
+    from csm_train import CSMConfig
+
+    return CSMConfig.preset("tiny", text_vocab_size=len(hf_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def hf_pair(tiny_config, hf_tokenizer):
+    """(transformers CsmForConditionalGeneration, our CSM) holding the same random weights, in fp32, eval.
+
+    The transformers model carries a real (randomly initialised) Mimi codec. Mimi's codebooks start as
+    zeros, which would make every code 0; they are filled with random centroids so codes vary."""
+    from transformers import CsmForConditionalGeneration
+    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
+
+    from csm_train import CSM
+    from csm_train.convert import config_to_transformers, state_dict_from_transformers
+
+    torch.manual_seed(0)
+    hf_config = config_to_transformers(
+        tiny_config,
+        bos_token_id=hf_tokenizer.bos_token_id,
+        pad_token_id=hf_tokenizer.pad_token_id,
+        audio_token_id=hf_tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+        audio_eos_token_id=hf_tokenizer.convert_tokens_to_ids("<|audio_eos|>"),
+    )
+    hf_config._attn_implementation = "eager"
+    hf = CsmForConditionalGeneration(hf_config).eval()
+    for module in hf.codec_model.modules():
+        if isinstance(module, MimiEuclideanCodebook):
+            module.embed_sum.normal_()
+            module._embed = None
+    ours = CSM(tiny_config).eval()
+    hf_weights = {k: v for k, v in hf.state_dict().items() if not k.startswith("codec_model.")}
+    ours.load_state_dict(state_dict_from_transformers(hf_weights, tiny_config), strict=True)
+    return hf, ours
+
+
+def random_frames(config, batch: int, text_len: int, audio_len: int, seed: int = 0):
+    """`[B, T, K+1]` frames: `text_len` text frames, `audio_len` audio frames, one all-zero end frame."""
+    g = torch.Generator().manual_seed(seed)
+    K = config.num_codebooks
+    T = text_len + audio_len + 1
+    tokens = torch.zeros(batch, T, K + 1, dtype=torch.long)
+    tokens_mask = torch.zeros(batch, T, K + 1, dtype=torch.bool)
+    tokens[:, :text_len, K] = torch.randint(0, config.text_vocab_size, (batch, text_len), generator=g)
+    tokens_mask[:, :text_len, K] = True
+    tokens[:, text_len : T - 1, :K] = torch.randint(0, 2048, (batch, audio_len, K), generator=g)
+    tokens_mask[:, text_len:, :K] = True
+    labels = torch.full((batch, T, K), -100, dtype=torch.long)
+    labels[:, text_len:] = tokens[:, text_len:, :K]
+    return tokens, tokens_mask, labels

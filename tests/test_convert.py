@@ -1,0 +1,224 @@
+"""Our CSM is transformers' CSM: same weights → same logits and the same loss; checkpoints convert both
+ways bit-exactly."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_frames
+
+from csm_train import CSM, CSMConfig, Segment, collate, conversation_frames, csm_loss
+from csm_train.convert import (
+    _sesame_config_from_shapes,
+    config_from_sesame,
+    config_from_transformers,
+    config_to_transformers,
+    state_dict_from_transformers,
+    state_dict_to_transformers,
+)
+
+AUDIO_FRAME = 1920  # samples per Mimi frame at 24 kHz (12.5 Hz)
+
+
+def _non_codec(state_dict):
+    return {k: v for k, v in state_dict.items() if not k.startswith("codec_model.")}
+
+
+def test_state_dict_round_trip_is_bit_exact(hf_pair, tiny_config):
+    hf, ours = hf_pair
+    hf_weights = _non_codec(hf.state_dict())
+    back = state_dict_to_transformers(state_dict_from_transformers(hf_weights, tiny_config), tiny_config)
+    assert set(back) == set(hf_weights)
+    for name, tensor in hf_weights.items():
+        assert torch.equal(back[name], tensor), name
+    # and ours → HF → ours
+    ours_again = state_dict_from_transformers(state_dict_to_transformers(ours.state_dict(), tiny_config), tiny_config)
+    assert all(torch.equal(ours_again[k], v) for k, v in ours.state_dict().items())
+
+
+def test_config_matches_published_csm_1b_layout():
+    hf_config = config_to_transformers(CSMConfig.preset("1b"))
+    # The values in sesame/csm-1b's config.json (llama3 RoPE re-expressed below max_position_embeddings).
+    assert hf_config.rope_parameters == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 0.125,
+        "high_freq_factor": 0.5,
+        "original_max_position_embeddings": 1024,
+    }
+    depth = hf_config.depth_decoder_config
+    assert depth.rope_parameters["original_max_position_embeddings"] == 16
+    assert depth.rope_parameters["low_freq_factor"] == 0.001953125
+    assert (depth.hidden_size, depth.num_hidden_layers, depth.max_position_embeddings) == (1024, 4, 33)
+    assert (hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.text_vocab_size) == (2048, 16, 128256)
+    back = config_from_transformers(hf_config)
+    assert back.backbone == CSMConfig.preset("1b").backbone
+    assert dataclasses.replace(back.decoder, max_seq_len=2048) == CSMConfig.preset("1b").decoder
+
+
+def test_rope_frequencies_equal_transformers(hf_pair):
+    hf, ours = hf_pair
+    torch.testing.assert_close(ours.backbone.rope_freqs, hf.backbone_model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        ours.decoder.rope_freqs, hf.depth_decoder.model.rotary_emb.inv_freq, rtol=1e-6, atol=0
+    )
+
+
+@torch.no_grad()
+def test_logits_equal_transformers_on_mixed_frames(hf_pair, tiny_config):
+    hf, ours = hf_pair
+    K = tiny_config.num_codebooks
+    tokens, tokens_mask, labels = random_frames(tiny_config, batch=2, text_len=6, audio_len=9)
+    out = ours(tokens, tokens_mask)
+
+    # transformers embeds text and audio frames with its own tables; we only say which frame is which.
+    is_audio = tokens_mask[..., :1].float()
+    embeds = hf.embed_text_tokens(tokens[..., K]) * (1 - is_audio) + hf.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+    hf_out = hf(inputs_embeds=embeds, labels=labels)
+    torch.testing.assert_close(out.c0_logits, hf_out.logits, atol=1e-5, rtol=0)
+
+    # Depth decoder on every target frame (transformers' order: row-major over (batch, frame)),
+    # including the all-zero end-of-audio frame.
+    frames = labels[..., 0] != -100
+    frames[:, 0] = False
+    assert frames[:, -1].all() and (tokens[:, -1, :K] == 0).all()
+    logits = ours.decoder_logits(out.hidden[:, :-1][frames[:, 1:]], labels[:, 1:][frames[:, 1:]][:, :-1])
+    torch.testing.assert_close(logits, hf_out.depth_decoder_logits, atol=1e-5, rtol=0)
+
+    ours_loss = csm_loss(ours, tokens, tokens_mask, labels, decoder_fraction=1.0)
+    torch.testing.assert_close(ours_loss.c0_loss, hf_out.backbone_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_loss.decoder_loss, hf_out.depth_decoder_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_loss.loss, hf_out.loss, atol=1e-5, rtol=0)
+
+
+def _conversation(hf, tokenizer, seconds, seed):
+    """Real audio-shaped input (noise + tones), its Mimi codes through transformers' own codec."""
+    rng = np.random.default_rng(seed)
+    speakers, texts = [0, 1, 0], ["We have a chance for a new life here.", "Do you remember?", "I wound the bandage."]
+    audios = []
+    for s in seconds:
+        n = int(s * 12.5) * AUDIO_FRAME
+        t = np.arange(n) / 24000
+        audios.append((0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32))
+    with torch.no_grad():
+        codes = [hf.codec_model.encode(torch.from_numpy(a)[None, None]).audio_codes[0] for a in audios]
+    segments = [Segment(sp, tx, c) for sp, tx, c in zip(speakers, texts, codes)]
+    text = "".join(f"<|begin_of_text|>[{sp}]{tx}<|end_of_text|><|AUDIO|><|audio_eos|>" for sp, tx in zip(speakers, texts))
+    return segments, text, audios
+
+
+@pytest.mark.slow
+def test_full_transformers_path_processor_codec_and_loss(hf_pair, hf_tokenizer, text_tokenizer, tiny_config):
+    """transformers' processor + Mimi codec + model + loss (with its -101 depth-decoder marking) against
+    our layout + model + loss on the same conversations, batched and right-padded on our side."""
+    from transformers import CsmProcessor, EncodecFeatureExtractor
+
+    hf, ours = hf_pair
+    K = tiny_config.num_codebooks
+    processor = CsmProcessor(EncodecFeatureExtractor(feature_size=1, sampling_rate=24000), hf_tokenizer)
+    audio_id = hf_tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    eos_id = hf_tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+
+    conversations = [_conversation(hf, hf_tokenizer, seconds, seed) for seed, seconds in enumerate([(0.8, 0.48, 1.2), (0.4, 0.96, 0.56)])]
+    ours_frames = [conversation_frames(segments, text_tokenizer, K) for segments, _, _ in conversations]
+    batch = collate(ours_frames)
+    with torch.no_grad():
+        ours_out = ours(batch.tokens, batch.tokens_mask)
+
+    for i, (_, text, audios) in enumerate(conversations):
+        torch.manual_seed(100 + i)  # transformers draws its -101 frames from the global RNG
+        inputs = processor(text, audio=audios, output_labels=True, depth_decoder_labels_ratio=0.5)
+        frames = ours_frames[i]
+        T = len(frames)
+
+        # Layout: same length, text where transformers has text, audio where it has <|AUDIO|>/<|audio_eos|>.
+        input_ids = inputs["input_ids"][0]
+        assert input_ids.shape[0] == T
+        is_audio = (input_ids == audio_id) | (input_ids == eos_id)
+        assert torch.equal(frames.tokens_mask[:, :K].all(-1), is_audio)
+        assert torch.equal(frames.tokens[~is_audio, K], input_ids[~is_audio])
+        assert torch.equal(frames.tokens[input_ids == eos_id, :K], torch.zeros((input_ids == eos_id).sum(), K, dtype=torch.long))
+        hf_labels = inputs["labels"][0]
+        assert torch.equal(frames.labels[:, 0] != -100, hf_labels != -100)
+
+        with torch.no_grad():
+            hf_out = hf(**inputs)
+        torch.testing.assert_close(ours_out.c0_logits[i, :T], hf_out.logits[0], atol=1e-5, rtol=0)
+
+        # The decoder subset transformers trained on: audio/eos frames not marked -101.
+        decoder_frames = ((hf_labels == audio_id) | (hf_labels == eos_id))[None]
+        assert 0 < decoder_frames.sum() < is_audio.sum()
+        with torch.no_grad():
+            loss = csm_loss(ours, frames.tokens[None], frames.tokens_mask[None], frames.labels[None], decoder_frames=decoder_frames)
+        assert loss.num_decoder_frames == int(decoder_frames.sum())
+        torch.testing.assert_close(loss.c0_loss, hf_out.backbone_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loss.decoder_loss, hf_out.depth_decoder_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loss.loss, hf_out.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_from_pretrained_reads_transformers_save_pretrained(hf_pair, tiny_config, tmp_path):
+    hf, ours = hf_pair
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "csm"
+    loaded = CSM.from_pretrained(tmp_path / "hf")
+    assert loaded.config.backbone == tiny_config.backbone
+    # transformers sizes the depth decoder's positions for one frame; everything else reads back as ours.
+    assert dataclasses.replace(loaded.config.decoder, max_seq_len=2048) == tiny_config.decoder
+    assert loaded.config.decoder.max_seq_len == tiny_config.num_codebooks + 1
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    tokens, tokens_mask, _ = random_frames(tiny_config, batch=1, text_len=3, audio_len=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, tokens_mask).c0_logits, ours(tokens, tokens_mask).c0_logits, atol=0, rtol=0)
+
+
+def test_from_pretrained_reads_ours_and_sesame_formats(hf_pair, tmp_path):
+    _, ours = hf_pair
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = CSM.from_pretrained(tmp_path / "ours")
+    assert loaded.config == ours.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+    # Sesame's ckpt.pt: a torch file read with weights_only=True (never unpickled), same tensor names.
+    (tmp_path / "pt").mkdir()
+    torch.save(ours.state_dict(), tmp_path / "pt" / "ckpt.pt")
+    (tmp_path / "pt" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
+    loaded = CSM.from_pretrained(tmp_path / "pt" / "ckpt.pt")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_sesame_configs_map_to_the_1b_preset():
+    # Sesame's config.json for csm-1b, and a bare weights file recognised by its shapes.
+    sesame_json = {"backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M", "text_vocab_size": 128256, "audio_vocab_size": 2051, "audio_num_codebooks": 32}
+    assert config_from_sesame(sesame_json) == CSMConfig.preset("1b")
+    with torch.device("meta"):
+        shapes = CSM(CSMConfig.preset("1b")).state_dict()
+    assert _sesame_config_from_shapes(shapes, "ckpt.pt") == CSMConfig.preset("1b")
+    with torch.device("meta"):
+        tiny = CSM(CSMConfig.preset("tiny")).state_dict()
+    with pytest.raises(ValueError, match="no Sesame flavor.*config.json"):
+        _sesame_config_from_shapes(tiny, "ckpt.pt")
+
+
+def test_from_pretrained_errors_name_the_file_and_the_fix(hf_pair, tmp_path):
+    _, ours = hf_pair
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CSM.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        CSM.from_pretrained(tmp_path / "empty")
+
+    ours.save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="not a CSM config"):
+        CSM.from_pretrained(tmp_path / "llama")
+
+    ours.save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated.*model\.safetensors"):
+        CSM.from_pretrained(tmp_path / "truncated")
