@@ -14,34 +14,12 @@ end-of-audio frame is a training target unless its segment is marked as context 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from csm_train.loss import IGNORE_INDEX
-
-
-class TextTokenizer(Protocol):
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without special tokens."""
-        ...
-
-
-class TransformersTokenizer:
-    """`TextTokenizer` over a transformers tokenizer (e.g. Llama-3.2's, as CSM uses)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.bos_id = tokenizer.bos_token_id
-        self.eos_id = tokenizer.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no BOS/EOS token; CSM text segments need both")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+from csm_train.tokenizer import TextTokenizer
 
 
 @dataclass

@@ -43,12 +43,15 @@ def decoder_frame_generator(seed: int, step: int, rank: int = 0) -> torch.Genera
     return torch.Generator().manual_seed(int(mixed))
 
 
-def select_decoder_frames(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+def select_decoder_frames(
+    labels: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Bool `[B, T]`: the audio target frames the depth decoder trains on this step.
 
     Exactly `ceil(fraction * N)` of the N target frames, drawn uniformly without replacement, so the
     decoder's cost is fixed per step (no rank waits on an unlucky draw) and the mean over the subset is
-    unbiased. `fraction=1.0` selects every frame (no amortization)."""
+    unbiased. `fraction=1.0` selects every frame (no amortization). Without a `generator` the draw comes
+    from torch's global RNG."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"decoder fraction must be in (0, 1], got {fraction}")
     is_target = labels[..., 0] != IGNORE_INDEX
@@ -81,29 +84,34 @@ def csm_loss(
     `select_decoder_frames(labels, decoder_fraction, generator)`."""
     out = model(tokens, tokens_mask, input_pos=input_pos, mask=mask)
 
-    # Codebook 0: position t-1 predicts frame t.
-    c0_logits = out.c0_logits[:, :-1].float()
-    c0_targets = labels[:, 1:, 0]
+    # Codebook 0: position t-1 predicts frame t. Shifting the targets (not slicing the logits) keeps the
+    # [B*T, V] logits a view: no copy of the largest tensor of the loss.
+    V = model.config.audio_vocab_size
+    c0_targets = F.pad(labels[:, 1:, 0], (0, 1), value=IGNORE_INDEX).flatten()
     c0_valid = c0_targets != IGNORE_INDEX
     num_audio_frames = int(c0_valid.sum())
     if num_audio_frames == 0:
         raise ValueError("batch has no audio target frames (labels are all -100): nothing to train on")
-    c0_loss = F.cross_entropy(c0_logits.flatten(0, 1), c0_targets.flatten(), ignore_index=IGNORE_INDEX)
-    c0_accuracy = (c0_logits.argmax(-1) == c0_targets)[c0_valid].float().mean()
+    c0_logits = out.c0_logits.float().view(-1, V)
+    c0_loss = F.cross_entropy(c0_logits, c0_targets, ignore_index=IGNORE_INDEX)
+    c0_accuracy = (c0_logits.detach().argmax(-1) == c0_targets)[c0_valid].float().mean()
 
     # Codebooks 1..K-1 on the chosen frames only: the decoder sees [n, K] positions, not [B*T, K] masked.
     if decoder_frames is None:
-        decoder_frames = select_decoder_frames(labels, decoder_fraction, generator or torch.Generator())
+        decoder_frames = select_decoder_frames(labels, decoder_fraction, generator)
     chosen = decoder_frames[:, 1:]  # frame t is predicted from the backbone state at t-1
     frame_codes = labels[:, 1:][chosen]  # [n, K]
     h = out.hidden[:, :-1][chosen]  # [n, D]
     logits = model.decoder_logits(h, frame_codes[:, :-1]).float()  # [n, K-1, V]
     targets = frame_codes[:, 1:]
-    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = F.cross_entropy(
+        logits.reshape(-1, V), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
     valid = (targets != IGNORE_INDEX).float()
     decoder_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
     codebook_losses = (per_token * valid).sum(0) / valid.sum(0).clamp(min=1)
-    codebook_accuracies = ((logits.argmax(-1) == targets).float() * valid).sum(0) / valid.sum(0).clamp(min=1)
+    correct = (logits.detach().argmax(-1) == targets).float() * valid
+    codebook_accuracies = correct.sum(0) / valid.sum(0).clamp(min=1)
 
     return LossOutput(
         loss=w_semantic * c0_loss + w_acoustic * decoder_loss,

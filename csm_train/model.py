@@ -169,13 +169,12 @@ def rope_frequencies(cfg: TransformerConfig) -> torch.Tensor:
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs `(x[2i], x[2i+1])` of `x [B, H, T, head_dim]` by `cos/sin [B, 1, T, head_dim/2]`
-    (torchtune's convention, the one Sesame's weights were trained with)."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs `(x[2i], x[2i+1])` of `x [B, H, T, head_dim]` by the unit complex numbers
+    `rotation [B, 1, T, head_dim/2]` (torchtune's pairing, the one Sesame's weights were trained with).
+    One complex multiply in fp32 is several times faster than the cos/sin arithmetic, forward and backward."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -205,12 +204,12 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos: torch.Tensor | None, mask: torch.Tensor | None):
+    def forward(self, x, rotation, input_pos: torch.Tensor | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
 
         if self.kv_cache is not None:
             if input_pos is None:
@@ -247,8 +246,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        x = x + self.attn(self.sa_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, rotation, input_pos, mask):
+        x = x + self.attn(self.sa_norm(x), rotation, input_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -272,12 +271,12 @@ class Transformer(nn.Module):
         positions = torch.arange(T, device=x.device).expand(B, T) if input_pos is None else input_pos
         # RoPE angles in fp32 whatever the compute dtype (positions up to 2048 lose digits in bf16).
         angles = positions[:, None, :, None].float() * self.rope_freqs.float()
-        cos, sin = angles.cos(), angles.sin()
+        rotation = torch.polar(torch.ones_like(angles), angles)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rotation, input_pos, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos, mask)
+                x = layer(x, rotation, input_pos, mask)
         return self.norm(x)
 
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:

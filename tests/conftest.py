@@ -38,7 +38,7 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="session")
 def text_tokenizer(hf_tokenizer):
-    from csm_train.layout import TransformersTokenizer
+    from csm_train.tokenizer import TransformersTokenizer
 
     return TransformersTokenizer(hf_tokenizer)
 

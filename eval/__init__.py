@@ -1,0 +1,1 @@
+"""Generation and evaluation suites (WER, MOS, speaker similarity, homographs, consistency). Built in issue #5."""
