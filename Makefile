@@ -14,6 +14,8 @@ quickstart: $(VENV)/.installed
 	$(PY) -m csm_train
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed

@@ -44,7 +44,10 @@ def ours_step(model, tokens, tokens_mask, labels, decoder_frames):
 def transformers_step(hf, tokens, tokens_mask, labels, decoder_frames):
     K = labels.shape[-1]
     is_audio = tokens_mask[..., :1].to(hf.dtype)
-    embeds = hf.embed_text_tokens(tokens[..., K]) * (1 - is_audio) + hf.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+    embeds = (
+        hf.embed_text_tokens(tokens[..., K]) * (1 - is_audio)
+        + hf.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+    )
     hf_labels = labels.clone()
     hf_labels[..., 1:][~decoder_frames] = -100  # what its processor's -101 marking turns into
     out = hf(inputs_embeds=embeds, labels=hf_labels)
@@ -121,18 +124,31 @@ def main():
 
         return run
 
-    print(f"preset {args.preset}, batch {args.batch} × {args.frames} frames, {args.device} {args.dtype}, "
-          f"decoder fraction {args.decoder_fraction:.4g}, torch threads {torch.get_num_threads()}")
+    print(
+        f"preset {args.preset}, batch {args.batch} × {args.frames} frames, {args.device} {args.dtype}, "
+        f"decoder fraction {args.decoder_fraction:.4g}, torch threads {torch.get_num_threads()}"
+    )
 
-    t = interleaved({"csm_train": step(ours_step, ours, subset), "transformers": step(transformers_step, hf, subset)}, args.steps)
-    print(f"  train step   csm_train {frames_per_step / t['csm_train']:9.0f} frames/s   "
-          f"transformers {frames_per_step / t['transformers']:9.0f} frames/s   ratio {t['transformers'] / t['csm_train']:.2f}x")
+    t = interleaved(
+        {"csm_train": step(ours_step, ours, subset), "transformers": step(transformers_step, hf, subset)}, args.steps
+    )
+    ours_fps, hf_fps = frames_per_step / t["csm_train"], frames_per_step / t["transformers"]
+    print(
+        f"  train step   csm_train {ours_fps:9.0f} frames/s   transformers {hf_fps:9.0f} frames/s   "
+        f"ratio {ours_fps / hf_fps:.2f}x"
+    )
 
     t = interleaved({"amortized": step(ours_step, ours, subset), "full": step(ours_step, ours, every)}, args.steps)
-    mem = {name: saved_activation_bytes(step(ours_step, ours, frames)) for name, frames in (("amortized", subset), ("full", every))}
-    print(f"  decoder 1/{round(1 / args.decoder_fraction)} vs 1.0   step {t['amortized'] * 1e3:7.1f} ms vs {t['full'] * 1e3:7.1f} ms "
-          f"(ratio {t['full'] / t['amortized']:.2f}x)   saved activations {mem['amortized'] / 2**20:7.1f} MiB vs "
-          f"{mem['full'] / 2**20:7.1f} MiB (ratio {mem['full'] / mem['amortized']:.2f}x)")
+    mem = {
+        name: saved_activation_bytes(step(ours_step, ours, frames))
+        for name, frames in (("amortized", subset), ("full", every))
+    }
+    print(
+        f"  decoder 1/{round(1 / args.decoder_fraction)} vs 1.0   "
+        f"step {t['amortized'] * 1e3:7.1f} ms vs {t['full'] * 1e3:7.1f} ms (ratio {t['full'] / t['amortized']:.2f}x)   "
+        f"saved activations {mem['amortized'] / 2**20:7.1f} MiB vs {mem['full'] / 2**20:7.1f} MiB "
+        f"(ratio {mem['full'] / mem['amortized']:.2f}x)"
+    )
     if device.type == "cuda":
         peaks = {}
         for name, frames in (("amortized", subset), ("full", every)):

@@ -79,6 +79,11 @@ def _rope_heads(name: str, config: CSMConfig) -> int | None:
     return cfg.num_heads if match.group(2) == "q" else cfg.num_kv_heads
 
 
+def _parameter_names(config: CSMConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(CSM(config).state_dict())
+
+
 def state_dict_to_transformers(state_dict: dict[str, torch.Tensor], config: CSMConfig) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state_dict.items():
@@ -105,11 +110,6 @@ def state_dict_from_transformers(hf_state_dict: dict[str, torch.Tensor], config:
     return out
 
 
-def _parameter_names(config: CSMConfig) -> list[str]:
-    with torch.device("meta"):
-        return list(CSM(config).state_dict())
-
-
 # -- configs -----------------------------------------------------------------------------------------------
 
 
@@ -117,13 +117,15 @@ def _transformer_to_hf(cfg: TransformerConfig, max_position_embeddings: int) -> 
     rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
     if cfg.rope_scaling is not None:
         # transformers wants original_max_position_embeddings below max_position_embeddings (csm-1b's
-        # config uses half of it). Dividing it
-        # and both frequency factors by the same power of two leaves every wavelength threshold and the
-        # smoothing unchanged, and is exact in floating point: 8192/1/4 becomes csm-1b's published
-        # 1024/0.125/0.5 for the backbone and 16/0.001953125/0.0078125 for the depth decoder.
+        # config uses half of it). Dividing it and both frequency factors by the same power of two leaves
+        # every wavelength threshold and the smoothing unchanged, and is exact in floating point: 8192/1/4
+        # becomes csm-1b's published 1024/0.125/0.5 (backbone) and 16/0.001953125/0.0078125 (decoder).
         s = cfg.rope_scaling
         shrink = 1
-        while 2 * (s.original_context_len // shrink) > max_position_embeddings and s.original_context_len % (2 * shrink) == 0:
+        while (
+            2 * (s.original_context_len // shrink) > max_position_embeddings
+            and s.original_context_len % (2 * shrink) == 0
+        ):
             shrink *= 2
         rope = {
             "rope_type": "llama3",

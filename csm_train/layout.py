@@ -13,8 +13,8 @@ end-of-audio frame is a training target unless its segment is marked as context 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -39,10 +39,12 @@ def run(preset: str = "tiny", steps: int = 40, batch_size: int = 4, lr: float = 
     tokenizer = ByteTokenizer()
     config = CSMConfig.preset(preset, text_vocab_size=tokenizer.vocab_size)
     model = CSM(config).train()
-    batch = collate([
-        conversation_frames(c, tokenizer, config.num_codebooks)
-        for c in synthetic_conversations(config.num_codebooks, batch_size, seed)
-    ])
+    batch = collate(
+        [
+            conversation_frames(c, tokenizer, config.num_codebooks)
+            for c in synthetic_conversations(config.num_codebooks, batch_size, seed)
+        ]
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     print(f"CSM {preset}: {model.num_parameters():,} parameters; batch {tuple(batch.tokens.shape)} frames")
     losses = []

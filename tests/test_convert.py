@@ -62,9 +62,7 @@ def test_config_matches_published_csm_1b_layout():
 def test_rope_frequencies_equal_transformers(hf_pair):
     hf, ours = hf_pair
     torch.testing.assert_close(ours.backbone.rope_freqs, hf.backbone_model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
-    torch.testing.assert_close(
-        ours.decoder.rope_freqs, hf.depth_decoder.model.rotary_emb.inv_freq, rtol=1e-6, atol=0
-    )
+    torch.testing.assert_close(ours.decoder.rope_freqs, hf.depth_decoder.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
 
 
 @torch.no_grad()
@@ -76,7 +74,10 @@ def test_logits_equal_transformers_on_mixed_frames(hf_pair, tiny_config):
 
     # transformers embeds text and audio frames with its own tables; we only say which frame is which.
     is_audio = tokens_mask[..., :1].float()
-    embeds = hf.embed_text_tokens(tokens[..., K]) * (1 - is_audio) + hf.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+    embeds = (
+        hf.embed_text_tokens(tokens[..., K]) * (1 - is_audio)
+        + hf.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+    )
     hf_out = hf(inputs_embeds=embeds, labels=labels)
     torch.testing.assert_close(out.c0_logits, hf_out.logits, atol=1e-5, rtol=0)
 
@@ -102,11 +103,14 @@ def _conversation(hf, tokenizer, seconds, seed):
     for s in seconds:
         n = int(s * 12.5) * AUDIO_FRAME
         t = np.arange(n) / 24000
-        audios.append((0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32))
+        audios.append(
+            (0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+        )
     with torch.no_grad():
         codes = [hf.codec_model.encode(torch.from_numpy(a)[None, None]).audio_codes[0] for a in audios]
-    segments = [Segment(sp, tx, c) for sp, tx, c in zip(speakers, texts, codes)]
-    text = "".join(f"<|begin_of_text|>[{sp}]{tx}<|end_of_text|><|AUDIO|><|audio_eos|>" for sp, tx in zip(speakers, texts))
+    segments = [Segment(sp, tx, c) for sp, tx, c in zip(speakers, texts, codes, strict=True)]
+    template = "<|begin_of_text|>[{}]{}<|end_of_text|><|AUDIO|><|audio_eos|>"
+    text = "".join(template.format(sp, tx) for sp, tx in zip(speakers, texts, strict=True))
     return segments, text, audios
 
 
@@ -122,7 +126,10 @@ def test_full_transformers_path_processor_codec_and_loss(hf_pair, hf_tokenizer, 
     audio_id = hf_tokenizer.convert_tokens_to_ids("<|AUDIO|>")
     eos_id = hf_tokenizer.convert_tokens_to_ids("<|audio_eos|>")
 
-    conversations = [_conversation(hf, hf_tokenizer, seconds, seed) for seed, seconds in enumerate([(0.8, 0.48, 1.2), (0.4, 0.96, 0.56)])]
+    conversations = [
+        _conversation(hf, hf_tokenizer, seconds, seed)
+        for seed, seconds in enumerate([(0.8, 0.48, 1.2), (0.4, 0.96, 0.56)])
+    ]
     ours_frames = [conversation_frames(segments, text_tokenizer, K) for segments, _, _ in conversations]
     batch = collate(ours_frames)
     with torch.no_grad():
@@ -140,7 +147,9 @@ def test_full_transformers_path_processor_codec_and_loss(hf_pair, hf_tokenizer, 
         is_audio = (input_ids == audio_id) | (input_ids == eos_id)
         assert torch.equal(frames.tokens_mask[:, :K].all(-1), is_audio)
         assert torch.equal(frames.tokens[~is_audio, K], input_ids[~is_audio])
-        assert torch.equal(frames.tokens[input_ids == eos_id, :K], torch.zeros((input_ids == eos_id).sum(), K, dtype=torch.long))
+        assert torch.equal(
+            frames.tokens[input_ids == eos_id, :K], torch.zeros((input_ids == eos_id).sum(), K, dtype=torch.long)
+        )
         hf_labels = inputs["labels"][0]
         assert torch.equal(frames.labels[:, 0] != -100, hf_labels != -100)
 
@@ -152,7 +161,9 @@ def test_full_transformers_path_processor_codec_and_loss(hf_pair, hf_tokenizer, 
         decoder_frames = ((hf_labels == audio_id) | (hf_labels == eos_id))[None]
         assert 0 < decoder_frames.sum() < is_audio.sum()
         with torch.no_grad():
-            loss = csm_loss(ours, frames.tokens[None], frames.tokens_mask[None], frames.labels[None], decoder_frames=decoder_frames)
+            loss = csm_loss(
+                ours, frames.tokens[None], frames.tokens_mask[None], frames.labels[None], decoder_frames=decoder_frames
+            )
         assert loss.num_decoder_frames == int(decoder_frames.sum())
         torch.testing.assert_close(loss.c0_loss, hf_out.backbone_loss, atol=1e-5, rtol=0)
         torch.testing.assert_close(loss.decoder_loss, hf_out.depth_decoder_loss, atol=1e-5, rtol=0)
@@ -173,7 +184,9 @@ def test_from_pretrained_reads_transformers_save_pretrained(hf_pair, tiny_config
         assert torch.equal(loaded.state_dict()[name], tensor), name
     tokens, tokens_mask, _ = random_frames(tiny_config, batch=1, text_len=3, audio_len=4)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens, tokens_mask).c0_logits, ours(tokens, tokens_mask).c0_logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(tokens, tokens_mask).c0_logits, ours(tokens, tokens_mask).c0_logits, atol=0, rtol=0
+        )
 
 
 def test_from_pretrained_reads_ours_and_sesame_formats(hf_pair, tmp_path):
@@ -193,7 +206,13 @@ def test_from_pretrained_reads_ours_and_sesame_formats(hf_pair, tmp_path):
 
 def test_sesame_configs_map_to_the_1b_preset():
     # Sesame's config.json for csm-1b, and a bare weights file recognised by its shapes.
-    sesame_json = {"backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M", "text_vocab_size": 128256, "audio_vocab_size": 2051, "audio_num_codebooks": 32}
+    sesame_json = {
+        "backbone_flavor": "llama-1B",
+        "decoder_flavor": "llama-100M",
+        "text_vocab_size": 128256,
+        "audio_vocab_size": 2051,
+        "audio_num_codebooks": 32,
+    }
     assert config_from_sesame(sesame_json) == CSMConfig.preset("1b")
     with torch.device("meta"):
         shapes = CSM(CSMConfig.preset("1b")).state_dict()

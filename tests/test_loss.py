@@ -66,10 +66,12 @@ def test_amortized_decoder_loss_is_unbiased(model, batch):
 
     S, N = 300, per_frame.numel()
     n = math.ceil(N / 16)
-    draws = torch.stack([
-        csm_loss(model, tokens, tokens_mask, labels, generator=decoder_frame_generator(0, step)).decoder_loss
-        for step in range(S)
-    ])
+    draws = torch.stack(
+        [
+            csm_loss(model, tokens, tokens_mask, labels, generator=decoder_frame_generator(0, step)).decoder_loss
+            for step in range(S)
+        ]
+    )
     stderr = per_frame.std() / math.sqrt(n) * math.sqrt((N - n) / (N - 1)) / math.sqrt(S)
     assert abs(draws.mean() - full.decoder_loss) < 4 * stderr, (draws.mean(), full.decoder_loss, stderr)
     # The bound has teeth: always training on the first n frames (a biased subset) falls outside it.
@@ -79,7 +81,9 @@ def test_amortized_decoder_loss_is_unbiased(model, batch):
     biased = csm_loss(model, tokens, tokens_mask, labels, decoder_frames=first).decoder_loss
     assert abs(biased - full.decoder_loss) > 4 * stderr
     # c0 is always trained on every frame: identical whatever the subset.
-    torch.testing.assert_close(csm_loss(model, tokens, tokens_mask, labels, generator=decoder_frame_generator(0, 1)).c0_loss, full.c0_loss)
+    torch.testing.assert_close(
+        csm_loss(model, tokens, tokens_mask, labels, generator=decoder_frame_generator(0, 1)).c0_loss, full.c0_loss
+    )
 
 
 def test_decoder_runs_on_the_subset_only(model, batch, tiny_config):
@@ -92,7 +96,14 @@ def test_decoder_runs_on_the_subset_only(model, batch, tiny_config):
         for fraction in (1.0, 1 / 16):
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
-                csm_loss(model, tokens, tokens_mask, labels, decoder_fraction=fraction, generator=decoder_frame_generator(0, 0))
+                csm_loss(
+                    model,
+                    tokens,
+                    tokens_mask,
+                    labels,
+                    decoder_fraction=fraction,
+                    generator=decoder_frame_generator(0, 0),
+                )
             flops[fraction] = sum(counter.get_flop_counts()["Global"].values())
     finally:
         hook.remove()

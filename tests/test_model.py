@@ -21,10 +21,25 @@ def test_1b_preset_has_csm_1b_parameter_count():
 def test_presets_build_with_sesame_parameter_names(name):
     model = _on_meta(name)
     names = set(dict(model.named_parameters()))
-    assert {"text_embeddings.weight", "audio_embeddings.weight", "projection.weight", "codebook0_head.weight", "audio_head"} <= names
+    assert {
+        "text_embeddings.weight",
+        "audio_embeddings.weight",
+        "projection.weight",
+        "codebook0_head.weight",
+        "audio_head",
+    } <= names
     for prefix in ("backbone", "decoder"):
-        for suffix in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.output_proj.weight",
-                       "mlp.w1.weight", "mlp.w2.weight", "mlp.w3.weight", "sa_norm.scale", "mlp_norm.scale"):
+        for suffix in (
+            "attn.q_proj.weight",
+            "attn.k_proj.weight",
+            "attn.v_proj.weight",
+            "attn.output_proj.weight",
+            "mlp.w1.weight",
+            "mlp.w2.weight",
+            "mlp.w3.weight",
+            "sa_norm.scale",
+            "mlp_norm.scale",
+        ):
             assert f"{prefix}.layers.0.{suffix}" in names
         assert f"{prefix}.norm.scale" in names
     cfg = model.config
@@ -36,7 +51,9 @@ def test_preset_errors_are_clear():
     with pytest.raises(ValueError, match="unknown CSM preset '2b'.*'1b'"):
         CSMConfig.preset("2b")
     with pytest.raises(ValueError, match="num_heads"):
-        CSMConfig.preset("tiny", backbone=dict(num_layers=1, dim=100, num_heads=3, num_kv_heads=1, ffn_dim=8, max_seq_len=8))
+        CSMConfig.preset(
+            "tiny", backbone=dict(num_layers=1, dim=100, num_heads=3, num_kv_heads=1, ffn_dim=8, max_seq_len=8)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +127,15 @@ def test_kv_cache_decoding_equals_full_forward(model, tiny_config):
             pos = torch.arange(prompt).expand(2, prompt)
             steps = [model(tokens[:, :prompt], tokens_mask[:, :prompt], input_pos=pos).c0_logits]
             for t in range(prompt, T):
-                steps.append(model(tokens[:, t : t + 1], tokens_mask[:, t : t + 1], input_pos=torch.full((2, 1), t)).c0_logits)
+                steps.append(
+                    model(tokens[:, t : t + 1], tokens_mask[:, t : t + 1], input_pos=torch.full((2, 1), t)).c0_logits
+                )
             torch.testing.assert_close(torch.cat(steps, 1), full.c0_logits, atol=1e-5, rtol=0)
 
             # The same frame one decoder position at a time: [h, c0] first, then one codebook per step.
-            x = model.projection(torch.cat([h[:, None], model.audio_embeddings(codes + model.codebook_offsets[: K - 1])], 1))
+            x = model.projection(
+                torch.cat([h[:, None], model.audio_embeddings(codes + model.codebook_offsets[: K - 1])], 1)
+            )
             stepwise = [model.decoder(x[:, :2], input_pos=torch.arange(2).expand(2, 2))[:, 1:]]
             for i in range(2, K):
                 stepwise.append(model.decoder(x[:, i : i + 1], input_pos=torch.full((2, 1), i)))
@@ -137,7 +158,11 @@ def test_activation_checkpointing_gives_identical_gradients(tiny_config):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = CSM(CSMConfig.preset("tiny", text_vocab_size=tiny_config.text_vocab_size, activation_checkpointing=checkpointing)).train()
+        model = CSM(
+            CSMConfig.preset(
+                "tiny", text_vocab_size=tiny_config.text_vocab_size, activation_checkpointing=checkpointing
+            )
+        ).train()
         csm_loss(model, tokens, tokens_mask, labels, decoder_fraction=1.0).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():

@@ -13,6 +13,11 @@ def test_smoke_run_loss_falls(capsys):
 
 
 def test_python_m_csm_train_runs():
-    result = subprocess.run([sys.executable, "-m", "csm_train", "--steps", "2", "--batch-size", "1"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "csm_train", "--steps", "2", "--batch-size", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "CSM tiny: 13,266,304 parameters" in result.stdout and "→" in result.stdout
