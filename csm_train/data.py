@@ -1,0 +1,270 @@
+"""Shards → packed training batches, split across ranks and workers, resumable exactly.
+
+Order. Every (rank, dataloader worker) pair is a *slot*. In epoch e the shards are permuted with
+`(seed, e)` and slot s reads shards `s, s + num_slots, ...` of that order, samples in stored order. Slots
+never share a shard, so ranks and workers see disjoint data, and the order is a pure function of the seed.
+
+Packing. Each sample (one conversation window) becomes frames in Sesame's layout (text tokenized here, at
+load time) and is packed greedily into rows of `max_seq_len` frames. A row records each frame's position
+within its own conversation and a document id, from which the step builds a block-causal mask: no
+attention across conversations. The tail of a row is padding with no targets.
+
+Resume. Each batch carries its slot's position after it: `(epoch, samples consumed in that epoch)`. The
+trainer keeps the position of the last batch it trained on for every slot (`StreamState`), saves it in
+the checkpoint, and a restarted stream skips exactly those samples: nothing is repeated or lost, and the
+rows come out identical, because a row always starts at the first sample not yet consumed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from csm_train.layout import Frames, Segment, collate, segment_frames
+from csm_train.tokenizer import TextTokenizer
+from data_pipeline.shards import Window, check_window, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamState:
+    """Where the stream stands, as of the last batch trained on: per slot `(epoch, samples consumed in that
+    epoch)`, the slot count it was made with, and the dataloader worker that produced the last batch (the
+    DataLoader takes workers in turn, so the resumed stream must start with the next one)."""
+
+    slots: dict[int, tuple[int, int]] = field(default_factory=dict)
+    num_slots: int | None = None
+    last_worker: int | None = None
+
+    def update(self, batch: dict) -> None:
+        self.slots[int(batch["slot"])] = (int(batch["epoch"]), int(batch["consumed"]))
+        self.num_slots, self.last_worker = int(batch["num_slots"]), int(batch["worker"])
+
+    def state_dict(self) -> dict:
+        slots = {str(k): list(v) for k, v in self.slots.items()}
+        return {"slots": slots, "num_slots": self.num_slots, "last_worker": self.last_worker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.slots = {int(k): tuple(v) for k, v in state["slots"].items()}
+        self.num_slots, self.last_worker = state["num_slots"], state["last_worker"]
+
+
+def read_window(sample: dict) -> Window:
+    """A raw webdataset sample (bytes per member) → Window. Nothing is unpickled."""
+    missing = {"codes.npy", "segments.json"} - set(sample)
+    if missing:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks {sorted(missing)}")
+    return Window(
+        key=sample["__key__"],
+        codes=np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False),
+        segments=json.loads(sample["segments.json"]),
+        meta=json.loads(sample["meta.json"]) if "meta.json" in sample else {},
+    )
+
+
+def iter_shard(path: Path) -> Iterator[dict]:
+    """Raw samples of one shard, with a clear error for a truncated or corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            members = ({**member, "__url__": str(path)} for member in tar_file_iterator(f))
+            yield from group_by_keys(members)
+    except (OSError, ValueError, EOFError, tarfile.TarError) as error:
+        raise RuntimeError(
+            f"shard {path} is truncated or corrupt ({type(error).__name__}: {error}); write it again with the "
+            f"data pipeline, or remove it and its rows from manifest.jsonl"
+        ) from error
+
+
+def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int) -> tuple[Frames, bool]:
+    """Frames of a window, cut to `max_frames` at a turn boundary (the first turn's audio is cropped if it
+    alone is too long). Returns (frames, truncated)."""
+    parts, total = [], 0
+    for seg in window.segments:
+        codes = torch.from_numpy(window.codes[:, seg["frame_start"] : seg["frame_end"]].astype(np.int64))
+        part = segment_frames(Segment(int(seg["speaker"]), seg["text"], codes), tokenizer, num_codebooks)
+        if total + len(part) > max_frames:
+            if not parts:  # keep the room for text + end-of-audio frame, crop the audio
+                text_len = len(part) - codes.shape[1] - 1
+                keep = max_frames - text_len - 1
+                if keep < 1:
+                    raise ValueError(f"sample {window.key!r}: the first turn's text alone exceeds {max_frames} frames")
+                part = segment_frames(
+                    Segment(int(seg["speaker"]), seg["text"], codes[:, :keep]), tokenizer, num_codebooks
+                )
+                parts.append(part)
+            return _concat(parts), True
+        parts.append(part)
+        total += len(part)
+    return _concat(parts), False
+
+
+def _concat(parts: list[Frames]) -> Frames:
+    return Frames(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "tokens_mask", "labels")))
+
+
+class PackedRows:
+    """Greedy packing of conversations into rows of `length` frames; each kept with its stream position."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.rows: list[list[tuple[Frames, str, tuple[int, int]]]] = []
+
+    def add(self, frames: Frames, key: str, position: tuple[int, int]) -> None:
+        used = sum(len(f) for f, _, _ in self.rows[-1]) if self.rows else self.length
+        if used + len(frames) > self.length:
+            self.rows.append([])
+        self.rows[-1].append((frames, key, position))
+
+    def pop_batch(self, batch_size: int) -> tuple[dict, tuple[int, int]] | None:
+        """The first `batch_size` rows once a later row has begun (so they are full), and the position of
+        their last sample."""
+        if len(self.rows) <= batch_size:
+            return None
+        rows, self.rows = self.rows[:batch_size], self.rows[batch_size:]
+        batch = _collate_rows([[f for f, _, _ in row] for row in rows], self.length)
+        batch["keys"] = [key for row in rows for _, key, _ in row]
+        return batch, rows[-1][-1][2]
+
+
+def _collate_rows(rows: list[list[Frames]], length: int) -> dict:
+    batch = collate([_concat(row) for row in rows], length=length)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    doc_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for doc, frames in enumerate(row):
+            positions[i, start : start + len(frames)] = torch.arange(len(frames))
+            doc_ids[i, start : start + len(frames)] = doc
+            start += len(frames)
+    return {
+        "tokens": batch.tokens,
+        "tokens_mask": batch.tokens_mask,
+        "labels": batch.labels,
+        "input_pos": positions,
+        "doc_ids": doc_ids,
+    }
+
+
+def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-causal bool mask `[B, 1, T, T]`: a frame sees earlier frames of its own conversation. Padding
+    (doc -1) sees itself only, so no row of the attention is empty."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+class FrameStream(IterableDataset):
+    """An endless, deterministic stream of packed batches from a dataset directory (see module doc)."""
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        tokenizer: TextTokenizer,
+        num_codebooks: int,
+        max_seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        state: StreamState | None = None,
+    ):
+        self.dataset_dir = Path(dataset_dir)
+        self.tokenizer = tokenizer
+        self.num_codebooks = num_codebooks
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.state = state or StreamState()
+        manifest = read_manifest(self.dataset_dir)
+        self.shard_sizes = Counter(row["shard"] for row in manifest)
+        self.shards = sorted(self.shard_sizes)
+        if not self.shards:
+            raise ValueError(f"{self.dataset_dir}/manifest.jsonl lists no samples")
+
+    def _slot(self) -> tuple[int, int, int]:
+        """(slot, number of slots, local worker id) of the calling worker."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        num_slots = self.world_size * workers
+        if num_slots > len(self.shards):
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {self.world_size} ranks × {workers} workers without "
+                f"sharing: write smaller shards or use fewer data.num_workers"
+            )
+        if self.state.num_slots not in (None, num_slots):
+            raise ValueError(
+                f"the saved data position was made with {self.state.num_slots} ranks × workers, this run has "
+                f"{num_slots}: resume with the same world size and data.num_workers"
+            )
+        if self.state.last_worker is not None:  # DataLoader asks worker 0 first: let it play the next one
+            worker = (worker + self.state.last_worker + 1) % workers
+        return self.rank * workers + worker, num_slots, worker
+
+    def slot_shards(self, slot: int, num_slots: int, epoch: int) -> list[str]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in order[slot::num_slots]]
+
+    def _samples(self, slot: int, num_slots: int) -> Iterator[tuple[int, int, Window | None]]:
+        """(epoch, index in epoch, window or None for a bad sample), from the saved position on."""
+        epoch, skip = self.state.slots.get(slot, (0, 0))
+        while True:
+            index = 0
+            for shard in self.slot_shards(slot, num_slots, epoch):
+                if skip >= index + self.shard_sizes[shard]:  # the whole shard was consumed before
+                    index += self.shard_sizes[shard]
+                    continue
+                for raw in iter_shard(self.dataset_dir / "shards" / shard):
+                    if index >= skip:
+                        yield epoch, index, self._window(raw)
+                    index += 1
+            epoch, skip = epoch + 1, 0
+
+    def _window(self, raw: dict) -> Window | None:
+        try:
+            window = read_window(raw)
+            check_window(window, self.num_codebooks)
+            return window
+        except ValueError as error:
+            log.warning("skipping bad sample: %s", error)
+            return None
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, num_slots, worker = self._slot()
+        packer = PackedRows(self.max_seq_len)
+        skipped = truncated = 0
+        for epoch, index, window in self._samples(slot, num_slots):
+            if window is None:
+                # Re-read (and skipped again) on resume if no good sample after it was consumed yet.
+                skipped += 1
+                continue
+            frames, cut = window_frames(window, self.tokenizer, self.num_codebooks, self.max_seq_len)
+            truncated += cut
+            packer.add(frames, window.key, (epoch, index))
+            popped = packer.pop_batch(self.batch_size)
+            if popped is not None:
+                batch, (last_epoch, last_index) = popped
+                yield {
+                    **batch,
+                    "slot": slot,
+                    "num_slots": num_slots,
+                    "worker": worker,
+                    "epoch": last_epoch,
+                    "consumed": last_index + 1,
+                    "skipped": skipped,
+                    "truncated": truncated,
+                }
+                skipped = truncated = 0
