@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 quickstart: $(VENV)/.installed
-	$(PY) -m csm_train
+	$(PY) -m csm_train +experiment=tiny
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1,12 +1,19 @@
-"""`python -m csm_train`: a CPU smoke run of the training step on the tiny preset (see smoke.py)."""
+"""`python -m csm_train +experiment=tiny` (see conf/ and csm_train/train.py)."""
 
-import argparse
+from pathlib import Path
 
-from csm_train.smoke import run
+import hydra
+from omegaconf import DictConfig
 
-parser = argparse.ArgumentParser(prog="python -m csm_train", description=__doc__)
-parser.add_argument("--preset", default="tiny", help="tiny | 100m | 1b | 3b | 8b")
-parser.add_argument("--steps", type=int, default=40)
-parser.add_argument("--batch-size", type=int, default=4)
-args = parser.parse_args()
-run(preset=args.preset, steps=args.steps, batch_size=args.batch_size)
+from csm_train.train import train
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,3 +38,16 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+
+def load_tokenizer(name_or_path: str) -> TransformersTokenizer:
+    """A transformers tokenizer from a local directory or the Hub (Llama-3.2's for csm-1b)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return TransformersTokenizer(AutoTokenizer.from_pretrained(name_or_path))
+    except OSError as error:
+        raise OSError(
+            f"could not load the tokenizer {name_or_path!r} ({error}); give data.tokenizer.name_or_path a local "
+            f"directory holding tokenizer.json, or log in to the Hub for gated models"
+        ) from error

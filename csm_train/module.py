@@ -1,0 +1,253 @@
+"""Lightning wiring: the CSM training step, the optimizer and schedule, and the data module.
+
+The model is `model.py`, the loss `loss.py`, the data stream `data.py`; this file only connects them to
+Lightning (strategies, precision, checkpoints, logging)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from csm_train.data import FrameStream, StreamState, attention_mask
+from csm_train.loss import csm_loss, decoder_frame_generator
+from csm_train.model import CSM, CSMConfig
+from csm_train.tokenizer import TextTokenizer
+
+
+@dataclass
+class LossWeights:
+    decoder_fraction: float = 1 / 16
+    w_semantic: float = 1.0
+    w_acoustic: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 10_000
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # Learning-rate multiplier per parameter group (the fine-tuning recipes use e.g. backbone 0.1).
+    lr_multipliers: dict[str, float] = field(
+        default_factory=lambda: {"backbone": 1.0, "decoder": 1.0, "embeddings": 1.0, "heads": 1.0}
+    )
+
+
+def parameter_group(name: str) -> str:
+    """Which of backbone / decoder / embeddings / heads a parameter belongs to."""
+    if name.startswith("backbone."):
+        return "backbone"
+    if name.startswith(("decoder.", "projection.")):
+        return "decoder"
+    if name.startswith(("text_embeddings.", "audio_embeddings.")):
+        return "embeddings"
+    return "heads"  # codebook0_head, audio_head
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not norms, biases or embeddings, as in Llama/GPT
+    recipes: decaying embeddings shrinks rare tokens' vectors for no gain), one lr multiplier per part."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = parameter_group(name)
+        decay = param.ndim >= 2 and part != "embeddings"
+        groups.setdefault((part, decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": optim.weight_decay if decay else 0.0,
+            "lr": optim.lr * optim.lr_multipliers.get(part, 1.0),
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr: linear warmup from 0, then cosine down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_flops_per_frame(config: CSMConfig, seq_len: int, decoder_fraction: float) -> float:
+    """Model FLOPs of one training frame (forward + backward = 3 × forward, each multiply-add 2 FLOPs).
+
+    Backbone: 2·P matmul FLOPs per frame for its P non-embedding parameters (+ the c0 head), plus causal
+    attention scores and values, 2·2·L·D·(seq_len/2) on average (PaLM's appendix B accounting). The depth
+    decoder runs K positions per selected frame (projection + layers + one head each), on
+    `decoder_fraction` of the frames. Embedding lookups are not FLOPs. Recomputation from activation
+    checkpointing is not counted: this is MFU, not hardware FLOPs utilisation."""
+    b, d, K, V = config.backbone, config.decoder, config.num_codebooks, config.audio_vocab_size
+
+    def layers(cfg, context):
+        attn = cfg.dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+        mlp = 3 * cfg.dim * cfg.ffn_dim
+        return cfg.num_layers * (2 * (attn + mlp) + 2 * 2 * cfg.dim * context / 2)
+
+    backbone = layers(b, seq_len) + 2 * b.dim * V
+    decoder = K * (2 * b.dim * d.dim + layers(d, K)) + (K - 1) * 2 * d.dim * V
+    return 3 * (backbone + decoder_fraction * decoder)
+
+
+class CSMModule(L.LightningModule):
+    def __init__(
+        self,
+        preset: str = "tiny",
+        text_vocab_size: int | None = None,
+        activation_checkpointing: bool = False,
+        loss: LossWeights | dict | None = None,
+        optim: OptimConfig | dict | None = None,
+        seed: int = 0,
+        max_bad_steps: int = 5,
+        peak_flops: float | None = None,
+    ):
+        super().__init__()
+        self.loss_weights = LossWeights(**loss) if isinstance(loss, dict) else (loss or LossWeights())
+        self.optim = OptimConfig(**optim) if isinstance(optim, dict) else (optim or OptimConfig())
+        overrides = {"activation_checkpointing": activation_checkpointing}
+        if text_vocab_size is not None:
+            overrides["text_vocab_size"] = text_vocab_size
+        self.config = CSMConfig.preset(preset, **overrides)
+        self.model = CSM(self.config)
+        self.seed, self.max_bad_steps, self.peak_flops = seed, max_bad_steps, peak_flops
+        self.bad_steps_in_a_row = 0
+        self.bad_steps_total = 0
+        self.save_hyperparameters()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        # The batch counts as consumed from here on: a checkpoint written after this step resumes after it
+        # (callbacks' batch-end hooks, checkpointing among them, run before the module's own).
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if isinstance(datamodule, CSMDataModule):
+            datamodule.stream_state.update(batch)
+        packed = bool((batch["doc_ids"] > 0).any())
+        out = csm_loss(
+            self.model,
+            batch["tokens"],
+            batch["tokens_mask"],
+            batch["labels"],
+            decoder_fraction=self.loss_weights.decoder_fraction,
+            generator=decoder_frame_generator(self.seed, self.global_step, self.global_rank),
+            w_semantic=self.loss_weights.w_semantic,
+            w_acoustic=self.loss_weights.w_acoustic,
+            input_pos=batch["input_pos"],
+            mask=attention_mask(batch["doc_ids"]) if packed else None,
+        )
+        # Every rank must agree to skip, or DDP would wait forever on the ranks that do backward.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out.loss)), all=True):
+            return self._skip_bad_step(out.loss)
+        self.bad_steps_in_a_row = 0
+        self._log_step(batch, out)
+        return out.loss
+
+    def _skip_bad_step(self, loss: torch.Tensor) -> None:
+        """A NaN/Inf loss skips the step (Lightning skips backward and the optimizer on None)."""
+        self.bad_steps_in_a_row += 1
+        self.bad_steps_total += 1
+        self.log("train/skipped_nonfinite_steps", float(self.bad_steps_total))
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"loss was {loss.item()} for {self.bad_steps_in_a_row} steps in a row (step {self.global_step}): "
+                f"lower optim.lr, raise optim.warmup_steps, or train in bf16-mixed rather than fp16; the last "
+                f"checkpoint is intact in the run directory"
+            )
+        return None
+
+    def _log_step(self, batch: dict, out) -> None:
+        frames = int(batch["tokens_mask"].any(-1).sum())
+        metrics = {
+            "train/loss": out.loss,
+            "train/c0_loss": out.c0_loss,
+            "train/decoder_loss": out.decoder_loss,
+            "train/audio_frames": float(out.num_audio_frames),
+            "train/frames": float(frames),
+            "train/skipped_samples": float(batch["skipped"]),
+            "train/truncated_samples": float(batch["truncated"]),
+        }
+        for k, (loss, acc) in enumerate(zip(out.codebook_losses, out.codebook_accuracies, strict=True)):
+            metrics[f"codebook_loss/{k:02d}"] = loss
+            metrics[f"codebook_acc/{k:02d}"] = acc
+        self.log_dict(metrics, prog_bar=False)
+        self.log("loss", out.loss, prog_bar=True, logger=False)
+
+    def configure_optimizers(self):
+        optim = self.optim
+        optimizer = torch.optim.AdamW(param_groups(self.model, optim), lr=optim.lr, betas=tuple(optim.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: cosine_with_warmup(step, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["csm_config"] = self.config.to_dict()
+        checkpoint["bad_steps_total"] = self.bad_steps_total
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.bad_steps_total = checkpoint.get("bad_steps_total", 0)
+
+
+class CSMDataModule(L.LightningDataModule):
+    """Shards → `FrameStream` per rank; its position is part of every checkpoint (exact resume)."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: TextTokenizer,
+        num_codebooks: int = 32,
+        max_seq_len: int = 2048,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        demo_corpus: bool = False,
+    ):
+        super().__init__()
+        self.path, self.tokenizer, self.demo_corpus = path, tokenizer, demo_corpus
+        self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.stream_state = StreamState()
+
+    def prepare_data(self) -> None:
+        """Write the demo corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
+        if self.demo_corpus and not (Path(self.path) / "manifest.jsonl").exists():
+            from data_pipeline.demo import write_demo_corpus
+
+            write_demo_corpus(self.path, num_codebooks=self.num_codebooks)
+
+    def train_dataloader(self) -> DataLoader:
+        stream = FrameStream(
+            self.path,
+            self.tokenizer,
+            num_codebooks=self.num_codebooks,
+            max_seq_len=self.max_seq_len,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world_size=self.trainer.world_size if self.trainer else 1,
+            state=self.stream_state,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+
+    def state_dict(self) -> dict:
+        """Every rank's stream position (each rank only sees its own slots), merged on all ranks."""
+        state = self.stream_state.state_dict()
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, state)
+            state = {**state, "slots": {k: v for s in gathered for k, v in s["slots"].items()}}
+        return {"stream": state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream_state.load_state_dict(state["stream"])

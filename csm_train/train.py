@@ -1,0 +1,101 @@
+"""`python -m csm_train`: compose the Hydra config, build data, model and trainer, resume if the run
+directory already holds a checkpoint, and fit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
+
+# Dense bf16 tensor-core peaks (datasheet, SXM): what MFU is measured against on these GPUs.
+GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MIMI_FRAME_RATE = 12.5
+
+
+def device_peak_flops(configured: float | None) -> float | None:
+    if configured is not None:
+        return float(configured)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((flops for gpu, flops in GPU_PEAK_BF16_FLOPS.items() if gpu in name), None)
+    return None
+
+
+class Throughput(Callback):
+    """Per step: frames/s, audio-seconds/s, and MFU (model FLOPs/s of this rank ÷ its peak)."""
+
+    def __init__(self, peak_flops: float | None):
+        self.peak_flops = peak_flops
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module: CSMModule, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._start
+        frames = int(batch["tokens_mask"].any(-1).sum())
+        audio_frames = int((batch["labels"][..., 0] != -100).sum())
+        flops = frames * train_flops_per_frame(
+            module.config, batch["tokens"].shape[1], module.loss_weights.decoder_fraction
+        )
+        metrics = {
+            "perf/frames_per_s": frames / seconds,
+            "perf/audio_s_per_s": audio_frames / MIMI_FRAME_RATE / seconds,
+        }
+        if self.peak_flops:
+            metrics["perf/mfu"] = flops / seconds / self.peak_flops
+        module.log_dict(metrics)
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
+        if norms:
+            module.log("train/grad_norm", torch.stack(norms).norm())
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of the run. Lightning writes each file atomically (temp file, then move), so a
+    run killed mid-save leaves the previous ones intact; `last.ckpt` may lag if killed right between."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return checkpoints[-1] if checkpoints else None
+
+
+def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer:
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
+    tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
+    module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
+    datamodule: CSMDataModule = hydra.utils.instantiate(
+        cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
+    )
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="{step:07d}",
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=cfg.checkpoint.keep,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        Throughput(device_peak_flops(cfg.peak_flops)),
+        *extra_callbacks,
+    ]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=hydra.utils.instantiate(cfg.logger), default_root_dir=run_dir
+    )
+    resume = last_checkpoint(run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        print(f"run directory {run_dir}; " + (f"resuming from {resume}" if resume else "starting fresh"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    return trainer

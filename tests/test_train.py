@@ -1,0 +1,165 @@
+"""`python -m csm_train`: Hydra configs, the tiny quickstart, exact resume after SIGKILL, DDP on CPU."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from csm_train.train import train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+@pytest.mark.parametrize("experiment", ["tiny", "100m", "1b"])
+def test_experiments_compose(experiment):
+    cfg = config(f"+experiment={experiment}")
+    assert cfg.model.preset == experiment and cfg.experiment == experiment
+    assert cfg.run_dir == f"runs/{experiment}/main"
+    assert cfg.model.optim.max_steps == cfg.trainer.max_steps
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "demo"
+
+
+@pytest.mark.slow
+def test_tiny_quickstart_loss_falls(tmp_path, demo_data):
+    cfg = config(
+        "+experiment=tiny",
+        f"run_dir={tmp_path}",
+        f"data.path={demo_data}",
+        "trainer.max_steps=60",
+        "trainer.log_every_n_steps=5",
+        "checkpoint.every_n_steps=30",
+    )
+    train(cfg)
+    rows = metrics(tmp_path)
+    first, last = rows[0], rows[-1]
+    assert float(last["train/c0_loss"]) < 0.4 * float(first["train/c0_loss"])
+    assert float(last["train/decoder_loss"]) < 0.75 * float(first["train/decoder_loss"])
+    assert float(last["perf/frames_per_s"]) > 0 and "train/grad_norm" in last and "lr-AdamW/backbone" in last
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step=0000030.ckpt",
+        "step=0000060.ckpt",
+    ]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # nothing needs unpickling
+    assert ckpt["global_step"] == 60 and ckpt["CSMDataModule"]["stream"]["slots"]
+
+
+def run_cli(run_dir, *overrides, **popen):
+    args = [sys.executable, "-m", "csm_train", "+experiment=tiny", f"run_dir={run_dir}", *overrides]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_resumes_exactly(tmp_path, demo_data):
+    """A run killed with SIGKILL after its first checkpoint and started again ends bit-identical to an
+    uninterrupted run, with the data stream at the same place."""
+    common = [f"data.path={demo_data}", "trainer.max_steps=16", "checkpoint.every_n_steps=4"]
+    reference = run_cli(tmp_path / "ref", *common)
+    killed = run_cli(tmp_path / "killed", *common)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step=0000004.ckpt"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL and first_checkpoint.exists()
+    assert not (tmp_path / "killed" / "checkpoints" / "step=0000016.ckpt").exists()
+    restarted = run_cli(tmp_path / "killed", *common)
+    out, _ = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, out
+    assert "resuming from" in out
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    assert a["CSMDataModule"] == b["CSMDataModule"]  # neither repeated nor skipped a sample
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, demo_data):
+    """Real DDP: two processes over gloo; each rank reads its own shards; the replicas end identical."""
+    probe = Path(__file__).with_name("ddp_probe.py")
+    args = [
+        sys.executable,
+        str(probe),
+        "+experiment=tiny",
+        f"run_dir={tmp_path}",
+        f"data.path={demo_data}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "checkpoint.every_n_steps=3",
+    ]  # 12 of the 16 samples each rank has per epoch
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    keys = [set((tmp_path / f"keys-rank{r}.txt").read_text().split()) for r in (0, 1)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    sums = [(tmp_path / f"weights-rank{r}.txt").read_text() for r in (0, 1)]
+    assert sums[0] == sums[1]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["CSMDataModule"]["stream"]
+    assert sorted(state["slots"]) == ["0", "1"] and state["num_slots"] == 2  # both ranks' positions saved
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+    cfg = config("+experiment=tiny", f"run_dir={tmp_path}", "model.preset=2b")
+    with pytest.raises(Exception, match=r"unknown CSM preset '2b'; choose one of \['100m', '1b', '3b', '8b', 'tiny'\]"):
+        train(cfg)
+
+
+def test_nonfinite_loss_skips_steps_then_stops_clearly(tmp_path, demo_data):
+    import lightning as L
+
+    from csm_train.module import CSMDataModule, CSMModule
+    from csm_train.tokenizer import ByteTokenizer
+
+    module = CSMModule(text_vocab_size=ByteTokenizer.vocab_size, max_bad_steps=3)
+    with torch.no_grad():
+        module.model.codebook0_head.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    data = CSMDataModule(str(demo_data), ByteTokenizer(), max_seq_len=512, batch_size=2, demo_corpus=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(FloatingPointError, match="loss was nan for 3 steps in a row.*lower optim.lr"):
+        trainer.fit(module, datamodule=data)
+    assert module.bad_steps_total == 3
+    for name, tensor in module.state_dict().items():  # skipped steps never touched the weights
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
