@@ -12,7 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
+from csm_train.plan import format_plan, plan
 
 # Dense bf16 tensor-core peaks (datasheet, SXM): what MFU is measured against on these GPUs.
 GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -66,10 +68,33 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer:
+def print_plan(cfg: DictConfig) -> None:
+    """The dry run: nothing is downloaded or allocated (the preset's own text vocabulary is assumed)."""
+    config = CSMConfig.preset(cfg.model.preset, activation_checkpointing=cfg.model.activation_checkpointing)
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1):
+        devices = max(1, torch.cuda.device_count())
+    gpus = int(devices) * int(cfg.trainer.get("num_nodes", 1))
+    p = plan(
+        config,
+        gpus=gpus,
+        rows=cfg.data.batch_size,
+        seq_len=cfg.data.max_seq_len,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        decoder_fraction=cfg.model.loss.decoder_fraction,
+    )
+    checkpointing = "on" if config.activation_checkpointing else "off"
+    print(f"plan for experiment {cfg.experiment}: preset {cfg.model.preset}, activation checkpointing {checkpointing}")
+    print(format_plan(p, gpus))
+
+
+def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | None:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
+    if cfg.dry_run:
+        print_plan(cfg)
+        return None
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
     module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
     datamodule: CSMDataModule = hydra.utils.instantiate(

@@ -163,3 +163,24 @@ def test_nonfinite_loss_skips_steps_then_stops_clearly(tmp_path, demo_data):
     assert module.bad_steps_total == 3
     for name, tensor in module.state_dict().items():  # skipped steps never touched the weights
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_dry_run_prints_a_plan_without_building_anything(tmp_path, capsys):
+    from csm_train.plan import GiB, activation_bytes, model_state_bytes
+
+    cfg = config("+experiment=8b", f"run_dir={tmp_path}", "dry_run=true", "trainer.devices=8")
+    assert train(cfg) is None
+    assert not any(tmp_path.iterdir())  # no run directory, no checkpoint, no download
+    out = capsys.readouterr().out
+    assert "8,157,138,944" in out and "deepspeed_z3_offload" in out
+    params = 8_157_138_944
+    assert model_state_bytes(params, "ddp (bf16-mixed)", 8) == 16 * params  # nothing sharded
+    assert model_state_bytes(params, "deepspeed_z3", 8) == 2 * params  # 16 bytes / 8 GPUs
+    assert f"{16 * params / GiB:7.1f}G" in out
+    from csm_train import CSMConfig
+
+    full = activation_bytes(CSMConfig.preset("1b"), rows=4, seq_len=2048, decoder_fraction=1 / 16, checkpointing=False)
+    recomputed = activation_bytes(
+        CSMConfig.preset("1b"), rows=4, seq_len=2048, decoder_fraction=1 / 16, checkpointing=True
+    )
+    assert recomputed < full / 4
