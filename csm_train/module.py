@@ -184,7 +184,10 @@ class CSMModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.optim
-        optimizer = torch.optim.AdamW(param_groups(self.model, optim), lr=optim.lr, betas=tuple(optim.betas))
+        # fused: one kernel updates all parameters (CPU and CUDA) instead of a chain of foreach ops.
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, optim), lr=optim.lr, betas=tuple(optim.betas), fused=True
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: cosine_with_warmup(step, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio),
@@ -212,11 +215,13 @@ class CSMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         demo_corpus: bool = False,
+        pack_lookahead: int = 64,
     ):
         super().__init__()
         self.path, self.tokenizer, self.demo_corpus = path, tokenizer, demo_corpus
         self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pack_lookahead = pack_lookahead
         self.stream_state = StreamState()
 
     def prepare_data(self) -> None:
@@ -237,6 +242,7 @@ class CSMDataModule(L.LightningDataModule):
             rank=self.trainer.global_rank if self.trainer else 0,
             world_size=self.trainer.world_size if self.trainer else 1,
             state=self.stream_state,
+            lookahead=self.pack_lookahead,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 
