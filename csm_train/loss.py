@@ -82,27 +82,25 @@ def csm_loss(
 ) -> LossOutput:
     """Forward + loss. The decoder trains on `decoder_frames [B, T]` if given, else on a subset drawn by
     `select_decoder_frames(labels, decoder_fraction, generator)`."""
-    out = model(tokens, tokens_mask, input_pos=input_pos, mask=mask)
+    if not (labels[:, 1:, 0] != IGNORE_INDEX).any():
+        raise ValueError("batch has no audio target frames (labels are all -100): nothing to train on")
+    if decoder_frames is None:
+        decoder_frames = select_decoder_frames(labels, decoder_fraction, generator)
+    out = model(tokens, tokens_mask, input_pos=input_pos, mask=mask, decoder_frames=decoder_frames)
 
     # Codebook 0: position t-1 predicts frame t. Shifting the targets (not slicing the logits) keeps the
     # [B*T, V] logits a view: no copy of the largest tensor of the loss.
-    V = model.config.audio_vocab_size
+    V = out.c0_logits.shape[-1]
     c0_targets = F.pad(labels[:, 1:, 0], (0, 1), value=IGNORE_INDEX).flatten()
     c0_valid = c0_targets != IGNORE_INDEX
-    num_audio_frames = int(c0_valid.sum())
-    if num_audio_frames == 0:
-        raise ValueError("batch has no audio target frames (labels are all -100): nothing to train on")
     c0_logits = out.c0_logits.float().view(-1, V)
     c0_loss = F.cross_entropy(c0_logits, c0_targets, ignore_index=IGNORE_INDEX)
     c0_accuracy = (c0_logits.detach().argmax(-1) == c0_targets)[c0_valid].float().mean()
 
-    # Codebooks 1..K-1 on the chosen frames only: the decoder sees [n, K] positions, not [B*T, K] masked.
-    if decoder_frames is None:
-        decoder_frames = select_decoder_frames(labels, decoder_fraction, generator)
+    # Codebooks 1..K-1 on the chosen frames only: the decoder saw [n, K] positions, not [B*T, K] masked.
     chosen = decoder_frames[:, 1:]  # frame t is predicted from the backbone state at t-1
     frame_codes = labels[:, 1:][chosen]  # [n, K]
-    h = out.hidden[:, :-1][chosen]  # [n, D]
-    logits = model.decoder_logits(h, frame_codes[:, :-1]).float()  # [n, K-1, V]
+    logits = out.decoder_logits.float()  # [n, K-1, V]
     targets = frame_codes[:, 1:]
     per_token = F.cross_entropy(
         logits.reshape(-1, V), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -119,6 +117,6 @@ def csm_loss(
         decoder_loss=decoder_loss,
         codebook_losses=torch.cat([c0_loss[None], codebook_losses]).detach(),
         codebook_accuracies=torch.cat([c0_accuracy[None], codebook_accuracies]).detach(),
-        num_audio_frames=num_audio_frames,
+        num_audio_frames=int(c0_valid.sum()),
         num_decoder_frames=int(chosen.sum()),
     )

@@ -296,6 +296,19 @@ class Transformer(nn.Module):
 class CSMOutput(NamedTuple):
     c0_logits: torch.Tensor  # [B, T, audio_vocab]: codebook 0 of frame t+1, predicted at frame t
     hidden: torch.Tensor  # [B, T, D_backbone]: final-norm backbone states, the depth decoder's input
+    decoder_logits: torch.Tensor | None = None  # [n, K-1, audio_vocab] for `decoder_frames`, if given
+
+
+class CodebookEmbedding(nn.Embedding):
+    """The audio embedding table of all codebooks (codebook k's code c is row k·V + c). Given per-code
+    weights it returns each row's weighted sum through `embedding_bag`, never materialising the
+    `[B, T, K, D]` embeddings (at 2048 frames × 32 codebooks the largest activation of the step). Being a
+    module call, it also lets sharding wrappers (FSDP, ZeRO-3) gather the table around it."""
+
+    def forward(self, ids: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if per_sample_weights is None:
+            return super().forward(ids)
+        return F.embedding_bag(ids, self.weight, per_sample_weights=per_sample_weights, mode="sum")
 
 
 class CSM(nn.Module):
@@ -307,7 +320,7 @@ class CSM(nn.Module):
         self.decoder = Transformer(config.decoder)
         self.text_embeddings = nn.Embedding(config.text_vocab_size, D)
         # One table for all codebooks: codebook k's code c is row k * V + c.
-        self.audio_embeddings = nn.Embedding(V * K, D)
+        self.audio_embeddings = CodebookEmbedding(V * K, D)
         self.projection = nn.Linear(D, config.decoder.dim, bias=False)
         self.codebook0_head = nn.Linear(D, V, bias=False)
         self.audio_head = nn.Parameter(torch.empty(K - 1, config.decoder.dim, V))
@@ -332,13 +345,12 @@ class CSM(nn.Module):
 
     def embed_frames(self, tokens: torch.Tensor, tokens_mask: torch.Tensor) -> torch.Tensor:
         """`tokens, tokens_mask [B, T, K+1]` → backbone inputs `[B, T, D]`: the sum of the embeddings of the
-        set columns. `embedding_bag` sums the K audio embeddings without materialising `[B, T, K, D]`,
-        which at 2048 frames × 32 codebooks would be the largest activation of the step."""
+        set columns."""
         K = self.config.num_codebooks
         B, T, _ = tokens.shape
         audio_ids = (tokens[..., :K] + self.codebook_offsets).reshape(B * T, K)
-        audio_weights = tokens_mask[..., :K].reshape(B * T, K).to(self.audio_embeddings.weight.dtype)
-        audio = F.embedding_bag(audio_ids, self.audio_embeddings.weight, per_sample_weights=audio_weights, mode="sum")
+        audio_weights = tokens_mask[..., :K].reshape(B * T, K).to(self.codebook0_head.weight.dtype)
+        audio = self.audio_embeddings(audio_ids, audio_weights)
         text = self.text_embeddings(tokens[..., K]) * tokens_mask[..., K, None]
         return audio.view(B, T, -1) + text
 
@@ -354,10 +366,19 @@ class CSM(nn.Module):
         tokens_mask: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        decoder_frames: torch.Tensor | None = None,
     ) -> CSMOutput:
-        """Backbone over frames. `input_pos [B, T]` and `mask` as in `Transformer.forward`."""
+        """Backbone over frames; `input_pos [B, T]` and `mask` as in `Transformer.forward`. With
+        `decoder_frames [B, T]` (bool) also the teacher-forced depth decoder on those frames, each from the
+        backbone state before it, in row-major order. Training goes through this one call so that every
+        parameter is used inside `forward`, where sharding wrappers (FSDP, ZeRO-3) gather them."""
         h = self.backbone(self.embed_frames(tokens, tokens_mask), input_pos=input_pos, mask=mask)
-        return CSMOutput(c0_logits=self.codebook0_head(h), hidden=h)
+        decoder_logits = None
+        if decoder_frames is not None:
+            chosen = decoder_frames[:, 1:]
+            codes = tokens[:, 1:, : self.config.num_codebooks - 1][chosen]
+            decoder_logits = self.decoder_logits(h[:, :-1][chosen], codes)
+        return CSMOutput(c0_logits=self.codebook0_head(h), hidden=h, decoder_logits=decoder_logits)
 
     def decoder_logits(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced depth decoder. `h [N, D]`: backbone state that predicted the frame (position t-1);
