@@ -414,23 +414,25 @@ class CSM(nn.Module):
         config, state_dict = load_checkpoint(path)
         if overrides:
             config = dataclasses.replace(config, **overrides)
+        return cls.from_state_dict(config, state_dict)
+
+    @classmethod
+    def from_state_dict(cls, config: CSMConfig, state_dict: dict[str, torch.Tensor]) -> CSM:
+        """Build without initialising (meta device), then adopt `state_dict`'s tensors, strictly."""
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, strict=True, assign=True)
-        model._rebuild_buffers()
+        # Non-persistent buffers are derived from the config: compute them on the weights' device.
+        device = model.codebook0_head.weight.device
+        model.codebook_offsets = torch.arange(config.num_codebooks, device=device) * config.audio_vocab_size
+        for transformer in (model.backbone, model.decoder):
+            transformer.rope_freqs = rope_frequencies(transformer.cfg).to(device)
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         from csm_train.convert import save_checkpoint
 
         save_checkpoint(self, directory)
-
-    def _rebuild_buffers(self) -> None:
-        """Non-persistent buffers are derived from the config; recompute them after a meta-device build."""
-        device = self.codebook0_head.weight.device
-        self.codebook_offsets = torch.arange(self.config.num_codebooks, device=device) * self.config.audio_vocab_size
-        for transformer in (self.backbone, self.decoder):
-            transformer.rope_freqs = rope_frequencies(transformer.cfg).to(device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
