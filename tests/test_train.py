@@ -184,3 +184,21 @@ def test_dry_run_prints_a_plan_without_building_anything(tmp_path, capsys):
         CSMConfig.preset("1b"), rows=4, seq_len=2048, decoder_fraction=1 / 16, checkpointing=True
     )
     assert recomputed < full / 4
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_under_a_stable_id(tmp_path, demo_data, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = config(
+        "+experiment=tiny",
+        f"run_dir={tmp_path}",
+        f"data.path={demo_data}",
+        "logger=wandb",
+        "trainer.max_steps=3",
+        "checkpoint.every_n_steps=3",
+        "run_id=abc",
+    )
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*-tiny-abc"))
+    assert len(runs) == 1  # id = experiment-run_id: a resumed run continues the same W&B run
+    assert list(runs[0].glob("run-tiny-abc.wandb"))
