@@ -36,10 +36,10 @@ class LossOutput:
     num_decoder_frames: int
 
 
-def decoder_frame_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A generator for the frame subset of one step: a different subset every step and rank, the same one
-    when a step is replayed from the same seed (resume)."""
-    mixed = np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
+def decoder_frame_generator(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> torch.Generator:
+    """A generator for the frame subset of one micro-batch: different for every step, rank and
+    gradient-accumulation micro-batch, the same when that micro-batch is replayed from the same seed."""
+    mixed = np.random.SeedSequence([seed, step, rank, micro_batch]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(mixed))
 
 

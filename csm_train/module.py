@@ -139,7 +139,9 @@ class CSMModule(L.LightningModule):
             batch["tokens_mask"],
             batch["labels"],
             decoder_fraction=self.loss_weights.decoder_fraction,
-            generator=decoder_frame_generator(self.seed, self.global_step, self.global_rank),
+            generator=decoder_frame_generator(
+                self.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches
+            ),
             w_semantic=self.loss_weights.w_semantic,
             w_acoustic=self.loss_weights.w_acoustic,
             input_pos=batch["input_pos"],
