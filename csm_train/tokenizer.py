@@ -3,6 +3,7 @@ byte-level one needs no files and serves smoke runs and tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 
@@ -44,10 +45,10 @@ def load_tokenizer(name_or_path: str) -> TransformersTokenizer:
     """A transformers tokenizer from a local directory or the Hub (Llama-3.2's for csm-1b)."""
     from transformers import AutoTokenizer
 
+    hint = "give data.tokenizer.name_or_path a local directory holding tokenizer.json, or log in to the Hub"
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise OSError(f"could not load the tokenizer {name_or_path!r}: no such directory; {hint}")
     try:
         return TransformersTokenizer(AutoTokenizer.from_pretrained(name_or_path))
     except OSError as error:
-        raise OSError(
-            f"could not load the tokenizer {name_or_path!r} ({error}); give data.tokenizer.name_or_path a local "
-            f"directory holding tokenizer.json, or log in to the Hub for gated models"
-        ) from error
+        raise OSError(f"could not load the tokenizer {name_or_path!r} ({error}); {hint} for gated models") from error

@@ -123,4 +123,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory {run_dir}; " + (f"resuming from {resume}" if resume else "starting fresh"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if trainer.is_global_zero:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        losses = "  ".join(f"{k[6:]} {metrics[k]:.3f}" for k in ("train/c0_loss", "train/decoder_loss") if k in metrics)
+        print(f"step {trainer.global_step}: {losses}; checkpoints and logs in {run_dir}")
     return trainer
