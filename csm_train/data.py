@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from csm_train.layout import Frames, Segment, collate, segment_frames
+from csm_train.layout import Frames, Segment, collate, concat_frames, segment_frames
 from csm_train.tokenizer import TextTokenizer
 from data_pipeline.shards import Window, check_window, read_manifest
 
@@ -122,14 +122,10 @@ def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, 
                     Segment(int(seg["speaker"]), seg["text"], codes[:, :keep]), tokenizer, num_codebooks
                 )
                 parts.append(part)
-            return _concat(parts), True
+            return concat_frames(parts), True
         parts.append(part)
         total += len(part)
-    return _concat(parts), False
-
-
-def _concat(parts: list[Frames]) -> Frames:
-    return Frames(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "tokens_mask", "labels")))
+    return concat_frames(parts), False
 
 
 class RowPacker:
@@ -156,7 +152,7 @@ class RowPacker:
 
 
 def _collate_rows(rows: list[list[Frames]], length: int) -> dict:
-    batch = collate([_concat(row) for row in rows], length=length)
+    batch = collate([concat_frames(row) for row in rows], length=length)
     positions = torch.zeros(len(rows), length, dtype=torch.long)
     doc_ids = torch.full((len(rows), length), -1, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -254,6 +250,13 @@ class FrameStream(IterableDataset):
                     index += 1
             epoch, skip = epoch + 1, 0
 
+    def _frames(self, window: Window) -> tuple[Frames | None, bool]:
+        try:
+            return window_frames(window, self.tokenizer, self.num_codebooks, self.max_seq_len)
+        except ValueError as error:
+            log.warning("skipping sample that cannot fit: %s", error)
+            return None, False
+
     def _window(self, raw: dict) -> Window | None:
         try:
             window = read_window(raw)
@@ -272,11 +275,11 @@ class FrameStream(IterableDataset):
         skipped = truncated = 0
         for position, window in self._samples(slot, num_slots):
             unconsumed.append(position)
-            if window is None:  # a bad sample is consumed as soon as it is read
+            frames, cut = self._frames(window) if window is not None else (None, False)
+            if frames is None:  # a bad sample is consumed as soon as it is read
                 skipped += 1
                 consumed.add(position)
                 continue
-            frames, cut = window_frames(window, self.tokenizer, self.num_codebooks, self.max_seq_len)
             truncated += cut
             row = packer.add(frames, window.key, position)
             if row is not None:

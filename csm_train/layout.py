@@ -75,7 +75,10 @@ def segment_frames(segment: Segment, tokenizer: TextTokenizer, num_codebooks: in
 def conversation_frames(segments: Sequence[Segment], tokenizer: TextTokenizer, num_codebooks: int) -> Frames:
     if not segments:
         raise ValueError("a conversation needs at least one segment")
-    parts = [segment_frames(s, tokenizer, num_codebooks) for s in segments]
+    return concat_frames([segment_frames(s, tokenizer, num_codebooks) for s in segments])
+
+
+def concat_frames(parts: Sequence[Frames]) -> Frames:
     return Frames(
         tokens=torch.cat([p.tokens for p in parts]),
         tokens_mask=torch.cat([p.tokens_mask for p in parts]),
