@@ -1,0 +1,62 @@
+"""Stage 6: quality filters on speaker turns. Each rejected turn gets one reason, the first that applies,
+and the pipeline counts rejections by reason in `dataset.json`.
+
+* duration: turns shorter than `min_seconds` teach little and are often diarization slivers; longer than
+  `max_seconds` they are usually merged speakers or music;
+* characters per second: far outside speech rates (~10–20 for English) the transcript does not match the
+  audio (hallucinated text over silence, or words dropped over speech);
+* ASR confidence: the mean word probability Whisper reports;
+* MOS: a speech-quality score (DNSMOS) when a scorer is configured.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_pipeline.turns import Turn
+
+
+@dataclass
+class QualityFilter:
+    min_seconds: float = 0.5
+    max_seconds: float = 30.0
+    min_chars_per_second: float = 4.0
+    max_chars_per_second: float = 30.0
+    min_asr_confidence: float = 0.4
+    min_mos: float | None = None  # with `mos`: reject turns scoring below it
+    mos: Callable[[np.ndarray], float] | None = None  # 24 kHz audio of the turn → score
+
+    def reason(self, turn: Turn, audio: np.ndarray | None = None) -> str | None:
+        """Why `turn` is rejected, or None to keep it."""
+        seconds = turn.end - turn.start
+        if seconds < self.min_seconds:
+            return "too_short"
+        if seconds > self.max_seconds:
+            return "too_long"
+        rate = len(turn.text.replace(" ", "")) / seconds
+        if rate < self.min_chars_per_second:
+            return "too_few_chars_per_second"
+        if rate > self.max_chars_per_second:
+            return "too_many_chars_per_second"
+        if np.mean([w.probability for w in turn.words]) < self.min_asr_confidence:
+            return "low_asr_confidence"
+        if self.min_mos is not None and self.mos is not None and audio is not None and self.mos(audio) < self.min_mos:
+            return "low_mos"
+        return None
+
+    def apply(
+        self, turns: list[Turn], audio_of: Callable[[Turn], np.ndarray] | None = None
+    ) -> tuple[list[Turn], Counter]:
+        """(kept turns, rejections by reason)."""
+        kept, rejected = [], Counter()
+        for turn in turns:
+            why = self.reason(turn, audio_of(turn) if audio_of is not None and self.mos is not None else None)
+            if why is None:
+                kept.append(turn)
+            else:
+                rejected[why] += 1
+        return kept, rejected
