@@ -86,6 +86,22 @@ def hf_pair(tiny_config, hf_tokenizer):
     return hf, ours
 
 
+@pytest.fixture(scope="session")
+def mimi_dir(tmp_path_factory):
+    from transformers import MimiConfig, MimiModel
+    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
+
+    torch.manual_seed(0)
+    model = MimiModel(MimiConfig()).eval()
+    for module in model.modules():  # random centroids: a fresh Mimi's are all zero (every code 0)
+        if isinstance(module, MimiEuclideanCodebook):
+            module.embed_sum.normal_()
+            module._embed = None
+    path = tmp_path_factory.mktemp("mimi")
+    model.save_pretrained(path)
+    return path
+
+
 def random_frames(config, batch: int, text_len: int, audio_len: int, seed: int = 0):
     """`[B, T, K+1]` frames: `text_len` text frames, `audio_len` audio frames, one all-zero end frame."""
     g = torch.Generator().manual_seed(seed)

@@ -9,22 +9,6 @@ from data_pipeline.codec import SAMPLES_PER_FRAME, MimiEncoder
 
 
 @pytest.fixture(scope="module")
-def mimi_dir(tmp_path_factory):
-    from transformers import MimiConfig, MimiModel
-    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
-
-    torch.manual_seed(0)
-    model = MimiModel(MimiConfig()).eval()
-    for module in model.modules():  # random centroids: a fresh Mimi's are all zero (every code 0)
-        if isinstance(module, MimiEuclideanCodebook):
-            module.embed_sum.normal_()
-            module._embed = None
-    path = tmp_path_factory.mktemp("mimi")
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def audios():
     rng = np.random.default_rng(0)
     lengths = (24000, 30000, 50000, 1000, 48000, 3 * SAMPLES_PER_FRAME)
