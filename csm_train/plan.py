@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from csm_train.model import CSM, CSMConfig, TransformerConfig
+from data_pipeline.shards import MIMI_FRAME_RATE
 
 GiB = 2**30
-MIMI_FRAME_RATE = 12.5
 
 
 def layer_activation_bytes(cfg: TransformerConfig, tokens: int) -> int:

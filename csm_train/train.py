@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
 from csm_train.plan import format_plan, plan
+from data_pipeline.shards import MIMI_FRAME_RATE
 
 # Dense bf16 tensor-core peaks (datasheet, SXM): what MFU is measured against on these GPUs.
 GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-MIMI_FRAME_RATE = 12.5
 
 
 def device_peak_flops(configured: float | None) -> float | None:

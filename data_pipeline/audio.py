@@ -18,8 +18,10 @@ import pyloudnorm
 import soundfile as sf
 import soxr
 
+from data_pipeline.shards import MIMI_SAMPLE_RATE
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
-SAMPLE_RATE = 24_000
+SAMPLE_RATE = MIMI_SAMPLE_RATE
 
 
 class AudioError(ValueError):

@@ -15,7 +15,9 @@ import math
 import numpy as np
 import torch
 
-SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 Hz
+from data_pipeline.shards import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE
+
+SAMPLES_PER_FRAME = int(MIMI_SAMPLE_RATE / MIMI_FRAME_RATE)  # 1920
 
 
 class MimiEncoder:
@@ -35,7 +37,7 @@ class MimiEncoder:
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         self.model = MimiModel.from_pretrained(name_or_path).eval().to(self.device)
         self.weights_id = str(name_or_path)
-        if self.model.config.sampling_rate != 24_000 or self.model.config.frame_rate != 12.5:
+        if (self.model.config.sampling_rate, self.model.config.frame_rate) != (MIMI_SAMPLE_RATE, MIMI_FRAME_RATE):
             raise ValueError(f"{name_or_path}: not Mimi's 24 kHz / 12.5 Hz configuration")
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import ShardWriter, Window, sample_key
+from data_pipeline.shards import MIMI_FRAME_RATE, ShardWriter, Window, sample_key
 
 LINES = [
     "did you hear the news this morning",
@@ -52,8 +52,8 @@ def write_demo_corpus(
                 {
                     "speaker": speaker,
                     "text": text,
-                    "start": start / 12.5,
-                    "end": (start + n) / 12.5,
+                    "start": start / MIMI_FRAME_RATE,
+                    "end": (start + n) / MIMI_FRAME_RATE,
                     "frame_start": start,
                     "frame_end": start + n,
                 }
@@ -65,7 +65,7 @@ def write_demo_corpus(
                 key=sample_key(f"demo/conversation_{c:04d}", 0),
                 codes=np.concatenate(codes, axis=1),
                 segments=segments,
-                meta={"source": f"synthetic:{c}", "duration": start / 12.5, "language": "en"},
+                meta={"source": f"synthetic:{c}", "duration": start / MIMI_FRAME_RATE, "language": "en"},
             )
         )
     return writer.close()

@@ -20,6 +20,7 @@ transcribed; the ASR and diarization backends produce the same words.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -125,10 +126,9 @@ class Pipeline:
             results.append({"key": sample_key(sid, w), "segments": segments})
             turn_index += len(window)
         meta = {"source": str(path.relative_to(self.root)), "duration": len(audio) / SAMPLE_RATE}
-        npz = done.with_suffix(".npz")
-        with open(npz.with_name(npz.name + ".tmp"), "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(npz.with_name(npz.name + ".tmp"), npz)
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        _atomic_write(done.with_suffix(".npz"), npz.getvalue())  # the codes first: the JSON marks done
         _atomic_write(done, json.dumps({"windows": results, "rejected": rejected, "meta": meta}).encode())
 
     def _cache(self, sid: str) -> tuple[Path, Path]:

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-MIMI_CODEC = {"name": "mimi", "n_codebooks": 32, "frame_rate": 12.5, "sample_rate": 24000}
+MIMI_SAMPLE_RATE = 24_000
+MIMI_FRAME_RATE = 12.5  # frames per second: one frame per 80 ms
+MIMI_CODEC = {"name": "mimi", "n_codebooks": 32, "frame_rate": MIMI_FRAME_RATE, "sample_rate": MIMI_SAMPLE_RATE}
 _SOURCE_ID = re.compile(r"[A-Za-z0-9_\-/]+")
 
 

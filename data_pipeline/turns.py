@@ -14,7 +14,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-FRAME_RATE = 12.5  # Mimi frames per second
+from data_pipeline.shards import MIMI_FRAME_RATE
+
+FRAME_RATE = MIMI_FRAME_RATE
 
 
 @dataclass
