@@ -1,8 +1,18 @@
-# The README's two commands. Each creates .venv and installs the project on first use.
+# The README's two commands. Each installs what it needs on first use: espeak-ng (apt, for the demo corpus's
+# speech) and the project in .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO ?= data/demo
 
-.PHONY: quickstart test bench
+.PHONY: quickstart test bench system-deps
+
+system-deps:
+	@command -v espeak-ng >/dev/null || { \
+	  echo "installing espeak-ng (apt): the demo corpus is speech it synthesises offline"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null \
+	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null; } \
+	    || { echo "could not install espeak-ng: install it with your package manager and run again"; exit 1; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -10,10 +20,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-quickstart: $(VENV)/.installed
-	$(PY) -m csm_train +experiment=tiny
+# demo corpus (espeak-ng conversations) → data pipeline → tiny CSM training, offline on CPU
+quickstart: system-deps $(VENV)/.installed
+	$(PY) -m data_pipeline.demo_corpus out=$(DEMO)/corpus
+	$(PY) -m data_pipeline input_dir=$(DEMO)/corpus/audio output_dir=$(DEMO)/dataset codec=mimi_random max_positions=512
+	$(PY) -m csm_train +experiment=tiny data=speech_demo data.path=$(DEMO)/dataset run_id=speech_demo
 
-test: $(VENV)/.installed
+test: system-deps $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

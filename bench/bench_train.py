@@ -25,7 +25,7 @@ from csm_train.data import FrameStream, RowPacker, attention_mask
 from csm_train.layout import Frames
 from csm_train.module import OptimConfig, param_groups, train_flops_per_frame
 from csm_train.tokenizer import ByteTokenizer
-from data_pipeline.demo import write_demo_corpus
+from data_pipeline.synthetic import write_synthetic_corpus
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -120,7 +120,7 @@ def main():
     config = CSMConfig.preset(args.preset, text_vocab_size=tokenizer.vocab_size)
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_corpus(tmp, num_conversations=64, samples_per_shard=8)
+        write_synthetic_corpus(tmp, num_conversations=64, samples_per_shard=8)
         stream = FrameStream(tmp, tokenizer, config.num_codebooks, max_seq_len=args.seq, batch_size=args.rows)
         it = iter(stream)
         batch = next(it)

@@ -216,22 +216,22 @@ class CSMDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        demo_corpus: bool = False,
+        synthetic_corpus: bool = False,
         pack_lookahead: int = 64,
     ):
         super().__init__()
-        self.path, self.tokenizer, self.demo_corpus = path, tokenizer, demo_corpus
+        self.path, self.tokenizer, self.synthetic_corpus = path, tokenizer, synthetic_corpus
         self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.pack_lookahead = pack_lookahead
         self.stream_state = StreamState()
 
     def prepare_data(self) -> None:
-        """Write the demo corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
-        if self.demo_corpus and not (Path(self.path) / "manifest.jsonl").exists():
-            from data_pipeline.demo import write_demo_corpus
+        """Write the synthetic corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
+        if self.synthetic_corpus and not (Path(self.path) / "manifest.jsonl").exists():
+            from data_pipeline.synthetic import write_synthetic_corpus
 
-            write_demo_corpus(self.path, num_codebooks=self.num_codebooks)
+            write_synthetic_corpus(self.path, num_codebooks=self.num_codebooks)
 
     def train_dataloader(self) -> DataLoader:
         stream = FrameStream(

@@ -20,13 +20,42 @@ from data_pipeline.shards import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE
 SAMPLES_PER_FRAME = int(MIMI_SAMPLE_RATE / MIMI_FRAME_RATE)  # 1920
 
 
+RANDOM_INIT = "random-init"
+
+
+def fill_codebooks(mimi) -> None:
+    """Random centroids for every codebook of a transformers Mimi (a fresh one's are all zero, so every code
+    would be 0)."""
+    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
+
+    for module in mimi.modules():
+        if isinstance(module, MimiEuclideanCodebook):
+            module.embed_sum.normal_()
+            module._embed = None  # the cached centroids
+
+
+def random_mimi(seed: int = 0):
+    """The real Mimi architecture with random weights, for offline runs and tests (kyutai/mimi cannot be
+    downloaded there). Same seed, same weights."""
+    from transformers import MimiConfig, MimiModel
+
+    torch.manual_seed(seed)
+    model = MimiModel(MimiConfig())
+    fill_codebooks(model)
+    return model
+
+
 class MimiEncoder:
+    """`name_or_path`: a Hub id or a local `save_pretrained` directory; `random-init` builds `random_mimi(seed)`
+    (its codes are a fixed function of the audio, fine for smoke runs, meaningless as speech tokens)."""
+
     def __init__(
         self,
         name_or_path: str = "kyutai/mimi",
         num_codebooks: int = 32,
         device: str = "auto",
         batch_size: int | None = None,
+        seed: int = 0,
     ):
         from transformers import MimiModel
 
@@ -35,8 +64,11 @@ class MimiEncoder:
         self.device, self.num_codebooks = torch.device(device), num_codebooks
         # Batching pays on a GPU; on a CPU the padding costs more than it saves (bench/bench_codec.py).
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
-        self.model = MimiModel.from_pretrained(name_or_path).eval().to(self.device)
-        self.weights_id = str(name_or_path)
+        if name_or_path == RANDOM_INIT:
+            model, self.weights_id = random_mimi(seed), f"{RANDOM_INIT}:seed={seed}"
+        else:
+            model, self.weights_id = MimiModel.from_pretrained(name_or_path), str(name_or_path)
+        self.model = model.eval().to(self.device)
         if (self.model.config.sampling_rate, self.model.config.frame_rate) != (MIMI_SAMPLE_RATE, MIMI_FRAME_RATE):
             raise ValueError(f"{name_or_path}: not Mimi's 24 kHz / 12.5 Hz configuration")
 

@@ -60,3 +60,21 @@ class QualityFilter:
             else:
                 rejected[why] += 1
         return kept, rejected
+
+
+class DNSMOS:
+    """DNSMOS P.835 overall quality (1–5, higher is cleaner) of a 24 kHz turn, through the ONNX models that
+    `speechmos` ships (Microsoft's DNS Challenge scorer; it works at 16 kHz on 9 s windows, and repeats
+    shorter clips to fill one)."""
+
+    def __init__(self, score: str = "ovrl_mos"):
+        self.score = score
+
+    def __call__(self, audio: np.ndarray) -> float:
+        import soxr
+        from speechmos import dnsmos
+
+        from data_pipeline.audio import SAMPLE_RATE
+
+        audio16 = np.clip(soxr.resample(audio, SAMPLE_RATE, 16000), -1.0, 1.0)
+        return float(dnsmos.run(audio16, 16000)[self.score])

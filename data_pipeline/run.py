@@ -12,9 +12,9 @@ Two phases per part, so that a run killed at any moment and started again ends b
 `dataset.json` and `failures.jsonl`. Parts are cut deterministically from the sorted inputs, so each can
 run as its own process or SLURM array task.
 
-Transcripts: this version reads them from a sidecar `{recording}.json` next to each recording
-(`{"words": [{"text", "start", "end", "speaker", "probability"?}, ...]}`), for corpora that come
-transcribed; the ASR and diarization backends produce the same words.
+Every stage is an object handed in (built from `conf/pipeline/` by `python -m data_pipeline`), so tests
+and users swap backends without touching the driver. A `work/config.json` records the settings the cache
+was made with; a run with different settings on the same output directory stops instead of mixing them.
 """
 
 from __future__ import annotations
@@ -25,17 +25,23 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline.audio import SAMPLE_RATE, AudioError, discover, load_audio, source_id
 from data_pipeline.codec import SAMPLES_PER_FRAME
 from data_pipeline.quality import QualityFilter
 from data_pipeline.shards import ShardWriter, Window, sample_key
-from data_pipeline.turns import FRAME_RATE, Turn, Word, merge_turns, split_windows
+from data_pipeline.turns import FRAME_RATE, Turn, merge_turns, split_windows
+
+RUN_ONLY = ("input_dir", "output_dir", "num_parts", "max_errors")  # settings that do not change the output
 
 
 @dataclass
@@ -47,25 +53,34 @@ class PipelineConfig:
     max_gap: float = 1.5  # seconds of silence that end a turn
     min_seconds: float = 1.0  # shorter recordings are rejected at ingest
     samples_per_shard: int = 256
-    quality: dict = field(default_factory=dict)  # QualityFilter fields
+    max_errors: int = 3  # unexpected (non-audio) failures that stop a part
+    components: dict = field(default_factory=dict)  # the stages' settings (models, thresholds): part of the hash
+
+    def settings(self) -> dict:
+        """What decides the output; where the data lives and how the work is split do not."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
 
     def config_hash(self) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k not in ("input_dir", "output_dir", "num_parts")}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Counted per part and summed by merge. Speakers are told apart within a recording only (diarization labels
+# are local), so `speakers` is the sum over recordings of their distinct speakers.
+CARD_COUNTS = ("recordings", "input_seconds", "speakers")
+
+
+class UnexpectedError(RuntimeError):
+    """An input failed for a reason that is not the recording's (a bug, a missing model, out of memory)."""
+
+    def __init__(self, record: dict):
+        super().__init__(f"{record['input']} failed at stage {record['stage']}:\n{record['error']}")
+        self.record = record
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def read_sidecar(path: Path) -> list[tuple[Word, str]]:
-    sidecar = path.with_suffix(".json")
-    if not sidecar.exists():
-        raise FileNotFoundError(f"no transcript {sidecar.name} beside {path.name}")
-    words = json.loads(sidecar.read_text())["words"]
-    return [(Word(w["text"], w["start"], w["end"], w.get("probability", 1.0)), str(w["speaker"])) for w in words]
 
 
 def turn_audio(audio: np.ndarray, turn: Turn) -> np.ndarray:
@@ -76,13 +91,25 @@ def turn_audio(audio: np.ndarray, turn: Turn) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig, encoder):
-        self.config, self.encoder = config, encoder
+    def __init__(self, config: PipelineConfig, encoder, transcriber, quality: QualityFilter | None = None):
+        self.config, self.encoder, self.transcriber = config, encoder, transcriber
+        self.filter = quality or QualityFilter()
         self.root, self.out = Path(config.input_dir), Path(config.output_dir)
         self.work = self.out / "work"
-        self.work.mkdir(parents=True, exist_ok=True)
         self.inputs = discover(self.root)
-        self.filter = QualityFilter(**config.quality)
+        self._claim_work_dir()
+
+    def _claim_work_dir(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        record = self.work / "config.json"
+        settings = json.dumps({"config_hash": self.config.config_hash(), **self.config.settings()}, indent=2)
+        if not record.exists():
+            _atomic_write(record, settings.encode())
+        elif json.loads(record.read_text())["config_hash"] != self.config.config_hash():
+            raise ValueError(
+                f"{self.out} was made with other settings ({record}): resuming would mix two configurations."
+                " Use a new output_dir, or delete its work/ to start over."
+            )
 
     def part_inputs(self, part: int) -> list[Path]:
         return self.inputs[part :: self.config.num_parts]
@@ -95,21 +122,30 @@ class Pipeline:
         if done.exists() or failed.exists():
             return
         done.parent.mkdir(parents=True, exist_ok=True)
-        stage = "ingest"
+        self.transcriber.seconds.clear()
+        seconds: Counter = Counter()
+        stage, clock = "ingest", time.perf_counter()
         try:
             audio = load_audio(path, min_seconds=self.config.min_seconds)
-            stage = "transcript"
-            turns = merge_turns(read_sidecar(path), self.config.max_gap)
-            stage = "quality"
-            kept, rejected = self.filter.apply(turns)
-            stage = "encode"
+            seconds["ingest"] = time.perf_counter() - clock
+            stage = "transcribe"
+            turns = merge_turns(self.transcriber(path, audio), self.config.max_gap)
+            stage, clock = "quality", time.perf_counter()
+            kept, rejected = self.filter.apply(turns, lambda turn: turn_audio(audio, turn))
+            seconds["quality"] = time.perf_counter() - clock
+            stage, clock = "encode", time.perf_counter()
             windows = split_windows(kept, self.config.max_positions)
             codes = self.encoder.encode([turn_audio(audio, t) for w in windows for t in w])
-        except (AudioError, FileNotFoundError, ValueError, KeyError) as error:
-            reason = error.reason if isinstance(error, AudioError) else type(error).__name__
-            record = {"input": str(path), "stage": stage, "reason": reason, "error": str(error)}
+            seconds["encode"] = time.perf_counter() - clock
+        except AudioError as error:  # the recording's fault: cached, so a rerun skips it
+            record = {"input": str(path), "stage": stage, "reason": error.reason, "error": str(error)}
             _atomic_write(failed, json.dumps(record).encode())
             return
+        except Exception as error:  # a bug or the environment's fault: recorded, retried by the next run
+            record = {"input": str(path), "stage": stage, "reason": f"error:{type(error).__name__}",
+                      "error": "".join(traceback.format_exception(error))}  # fmt: skip
+            _atomic_write(self._error(sid), json.dumps(record).encode())
+            raise UnexpectedError(record) from error
         arrays, results, turn_index = {}, [], 0
         for w, window in enumerate(windows):
             segments, frame = [], 0
@@ -126,14 +162,20 @@ class Pipeline:
             results.append({"key": sample_key(sid, w), "segments": segments})
             turn_index += len(window)
         meta = {"source": str(path.relative_to(self.root)), "duration": len(audio) / SAMPLE_RATE}
+        timings = dict(seconds + self.transcriber.seconds)  # wall clock: kept out of the shards and the card
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         _atomic_write(done.with_suffix(".npz"), npz.getvalue())  # the codes first: the JSON marks done
-        _atomic_write(done, json.dumps({"windows": results, "rejected": rejected, "meta": meta}).encode())
+        record = {"windows": results, "rejected": rejected, "meta": meta, "timings": timings}
+        _atomic_write(done, json.dumps(record).encode())
 
     def _cache(self, sid: str) -> tuple[Path, Path]:
         base = self.work / sid
         return base.with_name(base.name + ".json"), base.with_name(base.name + ".failed.json")
+
+    def _error(self, sid: str) -> Path:
+        base = self.work / sid
+        return base.with_name(base.name + ".error.json")
 
     # -- phase 2 ---------------------------------------------------------------------------------------
 
@@ -144,28 +186,63 @@ class Pipeline:
         codec = {"weights_id": getattr(self.encoder, "weights_id", "unknown")}
         writer = ShardWriter(part_dir, samples_per_shard=self.config.samples_per_shard, codec=codec)
         rejected, failures = Counter(), []
+        counts = Counter()
         for path in self.part_inputs(part):
-            done, failed = self._cache(source_id(path, self.root))
-            if failed.exists():
-                record = json.loads(failed.read_text())
+            sid = source_id(path, self.root)
+            done, failed = self._cache(sid)
+            if not done.exists():
+                record = json.loads((failed if failed.exists() else self._error(sid)).read_text())
                 failures.append(record)
                 rejected[f"{record['stage']}:{record['reason']}"] += 1
                 continue
             cached = json.loads(done.read_text())
             rejected.update(cached["rejected"])
+            counts["recordings"] += 1
+            counts["input_seconds"] += cached["meta"]["duration"]
+            counts["speakers"] += len({s["speaker"] for w in cached["windows"] for s in w["segments"]})
             with np.load(done.with_suffix(".npz"), allow_pickle=False) as arrays:
                 for w, window in enumerate(cached["windows"]):
                     writer.write(Window(window["key"], arrays[f"w{w}"], window["segments"], cached["meta"]))
         card = writer.close()
-        card.update(rejected=dict(sorted(rejected.items())), config_hash=self.config.config_hash())
+        card.update(
+            {k: counts[k] for k in CARD_COUNTS},
+            failed=len(failures),
+            rejected=dict(sorted(rejected.items())),
+            config_hash=self.config.config_hash(),
+            pipeline=self.config.settings(),
+        )
         (part_dir / "dataset.json").write_text(json.dumps(card, indent=2))
         (part_dir / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failures))
         return part_dir
 
-    def run_part(self, part: int) -> Path:
-        for path in self.part_inputs(part):
-            self.process(path)
+    def run_part(self, part: int, progress: bool = True) -> Path:
+        """Process the part's inputs, then assemble its shards. Inputs failing unexpectedly are listed in
+        failures.jsonl and retried by the next run; `max_errors` of them stop the part (likely a setup
+        problem, not bad recordings)."""
+        errors = 0
+        for path in tqdm(self.part_inputs(part), desc=f"part {part}: recordings", unit="file", disable=not progress):
+            try:
+                self.process(path)
+            except UnexpectedError as error:
+                errors += 1
+                print(f"warning: {error}", file=sys.stderr)
+                if errors >= self.config.max_errors:
+                    raise RuntimeError(
+                        f"{errors} recordings failed unexpectedly (last one above): stopping part {part}."
+                        " Fix the cause and run again; finished recordings are kept."
+                    ) from error
         return self.assemble(part)
+
+    def throughput(self) -> dict:
+        """Per stage: wall seconds and audio seconds per second (× real time), over the cached inputs."""
+        audio, seconds = 0.0, Counter()
+        for path in self.work.rglob("*.json"):
+            if path.name.endswith(".failed.json") or path.name == "config.json":
+                continue
+            cached = json.loads(path.read_text())
+            audio += cached["meta"]["duration"]
+            seconds.update(cached["timings"])
+        return {stage: {"seconds": t, "x_real_time": audio / t if t else None} for stage, t in seconds.items()}
 
 
 def merge(output_dir: str | Path, num_parts: int) -> dict:
@@ -187,15 +264,18 @@ def merge(output_dir: str | Path, num_parts: int) -> dict:
             rows.append({**row, "shard": f"part-{part:04d}-{row['shard']}"})
         failures += (part_dir / "failures.jsonl").read_text().splitlines()
         cards.append(json.loads((part_dir / "dataset.json").read_text()))
-    totals = {k: sum(c[k] for c in cards) for k in ("samples", "frames", "seconds", "segments", "shards")}
+    totals = {k: sum(c[k] for c in cards) for k in ("samples", "frames", "seconds", "segments", "shards", "failed")}
+    totals.update({k: sum(c[k] for c in cards) for k in CARD_COUNTS})
     rejected = sum((Counter(c["rejected"]) for c in cards), Counter())
     card = {
         **totals,
         "hours": totals["seconds"] / 3600,
+        "input_hours": totals["input_seconds"] / 3600,
         "windows": totals["samples"],
         "rejected": dict(sorted(rejected.items())),
         "codec": cards[0]["codec"],
         "config_hash": cards[0]["config_hash"],
+        "pipeline": cards[0]["pipeline"],
     }
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "failures.jsonl").write_text("".join(f + "\n" for f in failures))

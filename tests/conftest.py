@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from data_pipeline.codec import fill_codebooks, random_mimi
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail fast instead of retrying
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>", "<|pad|>"]
@@ -61,7 +63,6 @@ def hf_pair(tiny_config, hf_tokenizer):
     The transformers model carries a real (randomly initialised) Mimi codec. Mimi's codebooks start as
     zeros, which would make every code 0; they are filled with random centroids so codes vary."""
     from transformers import CsmForConditionalGeneration
-    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
     from csm_train import CSM
     from csm_train.convert import config_to_transformers, state_dict_from_transformers
@@ -76,10 +77,7 @@ def hf_pair(tiny_config, hf_tokenizer):
     )
     hf_config._attn_implementation = "eager"
     hf = CsmForConditionalGeneration(hf_config).eval()
-    for module in hf.codec_model.modules():
-        if isinstance(module, MimiEuclideanCodebook):
-            module.embed_sum.normal_()
-            module._embed = None
+    fill_codebooks(hf.codec_model)
     ours = CSM(tiny_config).eval()
     hf_weights = {k: v for k, v in hf.state_dict().items() if not k.startswith("codec_model.")}
     ours.load_state_dict(state_dict_from_transformers(hf_weights, tiny_config), strict=True)
@@ -88,17 +86,9 @@ def hf_pair(tiny_config, hf_tokenizer):
 
 @pytest.fixture(scope="session")
 def mimi_dir(tmp_path_factory):
-    from transformers import MimiConfig, MimiModel
-    from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
-
-    torch.manual_seed(0)
-    model = MimiModel(MimiConfig()).eval()
-    for module in model.modules():  # random centroids: a fresh Mimi's are all zero (every code 0)
-        if isinstance(module, MimiEuclideanCodebook):
-            module.embed_sum.normal_()
-            module._embed = None
+    """A random-init Mimi (codebooks filled) saved as a transformers directory, loaded back by path."""
     path = tmp_path_factory.mktemp("mimi")
-    model.save_pretrained(path)
+    random_mimi(seed=0).save_pretrained(path)
     return path
 
 
@@ -116,3 +106,11 @@ def random_frames(config, batch: int, text_len: int, audio_len: int, seed: int =
     labels = torch.full((batch, T, K), -100, dtype=torch.long)
     labels[:, text_len:] = tokens[:, text_len:, :K]
     return tokens, tokens_mask, labels
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """Two sentences of espeak-ng speech: float32, 24 kHz, mono."""
+    from data_pipeline.demo_corpus import speak
+
+    return speak("We should go to the new library downtown this weekend. I heard it is beautiful.", "en-us+m3", 155)

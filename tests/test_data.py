@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from csm_train import CSM, CSMConfig
 from csm_train.data import FrameStream, StreamState, attention_mask, window_frames
 from csm_train.tokenizer import ByteTokenizer
-from data_pipeline.demo import write_demo_corpus
 from data_pipeline.shards import ShardWriter, Window, sample_key
+from data_pipeline.synthetic import write_synthetic_corpus
 
 K = 32
 
@@ -21,7 +21,7 @@ K = 32
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("demo")
-    write_demo_corpus(path, num_conversations=48, samples_per_shard=4)
+    write_synthetic_corpus(path, num_conversations=48, samples_per_shard=4)
     return path
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from csm_train import CSM
-from data_pipeline.demo import write_demo_corpus
+from data_pipeline.synthetic import write_synthetic_corpus
 
 PROBE = Path(__file__).with_name("deepspeed_probe.py")
 
@@ -16,7 +16,7 @@ PROBE = Path(__file__).with_name("deepspeed_probe.py")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("ds_data")
-    write_demo_corpus(path, num_conversations=16, samples_per_shard=4)
+    write_synthetic_corpus(path, num_conversations=16, samples_per_shard=4)
     return path
 
 

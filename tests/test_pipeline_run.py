@@ -11,6 +11,7 @@ from csm_train.data import FrameStream
 from csm_train.tokenizer import ByteTokenizer
 from data_pipeline.codec import MimiEncoder
 from data_pipeline.run import Pipeline, PipelineConfig, merge
+from data_pipeline.transcribe import SidecarTranscripts
 
 LINES = ["we should go to the library", "sounds good to me", "let us meet at ten", "i will bring coffee"]
 
@@ -51,7 +52,7 @@ def encoder(mimi_dir):
 
 def run(corpus, out, encoder, num_parts):
     config = PipelineConfig(str(corpus), str(out), num_parts=num_parts, max_positions=256, samples_per_shard=2)
-    pipeline = Pipeline(config, encoder)
+    pipeline = Pipeline(config, encoder, SidecarTranscripts())
     for part in range(num_parts):
         pipeline.run_part(part)
     return merge(out, num_parts)
@@ -76,11 +77,11 @@ def test_pipeline_writes_the_shard_contract_and_records_failures(corpus, encoder
     assert {(f["input"].split("/")[-1], f["stage"], f["reason"]) for f in failures} == {
         ("broken.wav", "ingest", "undecodable"),
         ("short.wav", "ingest", "too_short"),
-        ("untranscribed.wav", "transcript", "FileNotFoundError"),
+        ("untranscribed.wav", "transcribe", "no_transcript"),
     }
     keys = [json.loads(line)["key"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert keys and all(k.startswith("talk_") for k in keys)  # no broken input reached the shards
-    assert card["rejected"] == {"ingest:too_short": 1, "ingest:undecodable": 1, "transcript:FileNotFoundError": 1}
+    assert card["rejected"] == {"ingest:too_short": 1, "ingest:undecodable": 1, "transcribe:no_transcript": 1}
     assert card["windows"] == len(keys) and card["codec"]["weights_id"] and card["config_hash"]
     # The trainer reads it back: segments' frames index the codes, text is tokenized at load time.
     batch = next(iter(FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=256, batch_size=2, lookahead=2)))
@@ -97,7 +98,7 @@ def test_parts_merge_into_the_single_process_result(corpus, encoder, tmp_path):
 def test_a_crash_mid_run_resumes_to_identical_bytes(corpus, encoder, tmp_path):
     run(corpus, tmp_path / "clean", encoder, num_parts=1)
     config = PipelineConfig(str(corpus), str(tmp_path / "crashed"), max_positions=256, samples_per_shard=2)
-    pipeline = Pipeline(config, encoder)
+    pipeline = Pipeline(config, encoder, SidecarTranscripts())
     talks = [p for p in pipeline.inputs if p.stem.startswith("talk_")]
     pipeline.process(talks[0])  # one input finished; the process died writing the next one's codes:
     (tmp_path / "crashed" / "work" / "talk_1.npz.tmp").write_bytes(b"torn write")

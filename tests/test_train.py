@@ -149,7 +149,7 @@ def test_nonfinite_loss_skips_steps_then_stops_clearly(tmp_path, demo_data):
     with torch.no_grad():
         module.model.codebook0_head.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    data = CSMDataModule(str(demo_data), ByteTokenizer(), max_seq_len=512, batch_size=2, demo_corpus=True)
+    data = CSMDataModule(str(demo_data), ByteTokenizer(), max_seq_len=512, batch_size=2, synthetic_corpus=True)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=10,

@@ -1,5 +1,6 @@
-"""A small synthetic conversational corpus, written through the real shard writer, for smoke runs and
-tests until the pipeline's own demo corpus (speech synthesised offline, Mimi-encoded) replaces it.
+"""A synthetic conversational dataset written straight through the shard writer, in a second: the trainer's
+default data (`data=synthetic`) and its tests. The speech demo corpus (data_pipeline/demo_corpus.py) is
+the real thing, run through the whole pipeline.
 
 The "audio" is learnable: each character of a turn's text becomes a couple of frames whose codes are a
 fixed function of (character, codebook, speaker). A model that reads the text and the speaker can predict
@@ -34,7 +35,7 @@ def character_codes(text: str, speaker: int, num_codebooks: int) -> np.ndarray:
     return ((frame[None, :] * (k + 3) + speaker * 977 + k * 53) % 2048).astype(np.uint16)
 
 
-def write_demo_corpus(
+def write_synthetic_corpus(
     out_dir: str | Path, num_conversations: int = 32, num_codebooks: int = 32, seed: int = 0, samples_per_shard: int = 8
 ) -> dict:
     """Two-speaker conversations of 3–6 turns drawn from `LINES`; returns the dataset card."""

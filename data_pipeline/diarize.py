@@ -1,0 +1,143 @@
+"""Stage 4: speaker diarization — who speaks when — as `SpeakerSpan`s that stage 5 assigns words to.
+
+Two backends behind one interface, `__call__(audio_16k, regions) -> list[SpeakerSpan]`:
+
+* `EmbeddingDiarizer` (default, offline): the classic embed-and-cluster recipe. Speech regions from the
+  VAD are cut into windows of `window_seconds` (hop `step_seconds`); each window gets a d-vector from
+  resemblyzer's speaker encoder (it ships its weights); the vectors are clustered by agglomerative
+  clustering on cosine distance, cut at `threshold` or at a known `num_speakers`. Each window speaks for
+  the stretch of its region nearest its centre. Good for clean, turn-taking speech with no overlap.
+* `PyannoteDiarizer` (production): a pyannote.audio pipeline (`pyannote/speaker-diarization-3.1` with a
+  Hub token, or a local directory) — segmentation + embeddings + clustering, overlap-aware.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipeline.turns import SpeakerSpan
+from data_pipeline.vad import VAD_SAMPLE_RATE
+
+
+def windows(regions: list[tuple[float, float]], window: float, step: float) -> list[tuple[float, float, float, float]]:
+    """(start, end) of each embedding window and (own_start, own_end), the stretch it labels: regions
+    shorter than a window are one window; longer ones are tiled, and neighbours split their overlap."""
+    result = []
+    for start, end in regions:
+        if end - start <= window:
+            result.append((start, end, start, end))
+            continue
+        count = int(np.ceil((end - start - window) / step)) + 1
+        starts = np.linspace(start, end - window, count)
+        centres = starts + window / 2
+        bounds = [start, *((centres[:-1] + centres[1:]) / 2), end]
+        result += [(s, s + window, bounds[i], bounds[i + 1]) for i, s in enumerate(starts)]
+    return result
+
+
+def cluster(embeddings: np.ndarray, threshold: float, num_speakers: int | None = None) -> np.ndarray:
+    """Agglomerative clustering (average linkage, cosine distance) → labels numbered by first appearance."""
+    if len(embeddings) == 1:
+        return np.zeros(1, dtype=int)
+    from sklearn.cluster import AgglomerativeClustering
+
+    if num_speakers is not None:
+        num_speakers = min(num_speakers, len(embeddings))
+    labels = AgglomerativeClustering(
+        n_clusters=num_speakers,
+        distance_threshold=None if num_speakers else threshold,
+        metric="cosine",
+        linkage="average",
+    ).fit_predict(embeddings)
+    order = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+    return np.array([order[label] for label in labels])
+
+
+def spans_from_labels(stretches: list[tuple[float, float]], labels: np.ndarray) -> list[SpeakerSpan]:
+    """Adjacent stretches with one label become one span."""
+    spans: list[SpeakerSpan] = []
+    for (start, end), label in zip(stretches, labels, strict=True):
+        speaker = f"SPEAKER_{label:02d}"
+        if spans and spans[-1].speaker == speaker and start - spans[-1].end < 1e-6:
+            spans[-1].end = end
+        else:
+            spans.append(SpeakerSpan(speaker, start, end))
+    return spans
+
+
+class EmbeddingDiarizer:
+    def __init__(
+        self,
+        threshold: float = 0.3,
+        num_speakers: int | None = None,
+        window_seconds: float = 1.5,
+        step_seconds: float = 0.75,
+        device: str = "cpu",
+    ):
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device, verbose=False)
+        self.threshold, self.num_speakers = threshold, num_speakers
+        self.window, self.step = window_seconds, step_seconds
+
+    def embed(self, clips: list[np.ndarray]) -> np.ndarray:
+        """resemblyzer's `embed_utterance` (mean of 1.6 s partial d-vectors, L2-normed), batched over clips."""
+        import torch
+        from resemblyzer.audio import wav_to_mel_spectrogram
+
+        mels, owner = [], []
+        for i, clip in enumerate(clips):
+            wav_slices, mel_slices = self.encoder.compute_partial_slices(len(clip), rate=1.3, min_coverage=0.75)
+            clip = np.pad(clip, (0, max(0, wav_slices[-1].stop - len(clip))))
+            mel = wav_to_mel_spectrogram(clip)
+            mels += [mel[s] for s in mel_slices]
+            owner += [i] * len(mel_slices)
+        with torch.inference_mode():
+            partials = self.encoder(torch.from_numpy(np.stack(mels))).numpy()
+        owner = np.array(owner)
+        means = np.stack([partials[owner == i].mean(axis=0) for i in range(len(clips))])
+        return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+    def __call__(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[SpeakerSpan]:
+        tiles = windows(regions, self.window, self.step)
+        if not tiles:
+            return []
+        embeddings = self.embed([audio[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)] for s, e, _, _ in tiles])
+        labels = cluster(embeddings, self.threshold, self.num_speakers)
+        return spans_from_labels([(own_start, own_end) for _, _, own_start, own_end in tiles], labels)
+
+
+class PyannoteDiarizer:
+    """A pyannote.audio pipeline from the Hub (`token` for gated models) or a local directory."""
+
+    def __init__(
+        self,
+        pipeline: str = "pyannote/speaker-diarization-3.1",
+        token: str | None = None,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        device: str = "auto",
+    ):
+        import torch
+        from pyannote.audio import Pipeline
+
+        self.pipeline = Pipeline.from_pretrained(pipeline, token=token)
+        if self.pipeline is None:
+            raise ValueError(f"pyannote could not load {pipeline!r}: accept its conditions on the Hub and pass a token")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline.to(torch.device(device))
+        self.speakers = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers}
+
+    def __call__(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[SpeakerSpan]:
+        import torch
+
+        # In memory: pyannote's own decoder (torchcodec) is a CUDA build on PyPI.
+        waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": VAD_SAMPLE_RATE}
+        output = self.pipeline(waveform, **{k: v for k, v in self.speakers.items() if v is not None})
+        annotation = getattr(output, "speaker_diarization", output)  # pyannote 4 wraps it; 3.x returns it
+        return [
+            SpeakerSpan(str(speaker), float(segment.start), float(segment.end))
+            for segment, _, speaker in annotation.itertracks(yield_label=True)
+        ]

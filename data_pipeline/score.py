@@ -1,0 +1,96 @@
+"""Score a pipeline's output against ground truth: word error rate of the transcripts (jiwer) and diarization
+error rate of the speaker turns (pyannote.metrics), per recording and over the corpus.
+
+Truth is one `{recording}.json` per recording in `truth_dir`, `{"turns": [{"speaker", "text", "start",
+"end"}, ...]}` (what data_pipeline/demo_corpus.py writes). The output is read back from the dataset's
+shards, so what is scored is exactly what the trainer gets: turns the quality filters rejected count as
+deletions and missed speech.
+
+    python -m data_pipeline.score dataset=DATASET truth=TRUTH_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+from data_pipeline.shards import read_manifest
+
+# Lower case, no punctuation, one space between words: Whisper writes "Hello, world." for "hello world".
+_PUNCTUATION = re.compile(r"[^\w\s']")
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def dataset_turns(dataset_dir: str | Path) -> dict[str, list[dict]]:
+    """Source recording (path below the input dir, no suffix) → its kept turns in time order."""
+    dataset_dir = Path(dataset_dir)
+    turns: dict[str, list[dict]] = defaultdict(list)
+    for shard in sorted({row["shard"] for row in read_manifest(dataset_dir)}):
+        with tarfile.open(dataset_dir / "shards" / shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in members:
+                if name.endswith(".segments.json"):
+                    meta = json.loads(tar.extractfile(members[name.replace("segments", "meta")]).read())
+                    source = str(Path(meta["source"]).with_suffix(""))
+                    turns[source] += json.loads(tar.extractfile(members[name]).read())
+    return {source: sorted(ts, key=lambda t: t["start"]) for source, ts in turns.items()}
+
+
+def _truth(truth_dir: Path) -> dict[str, dict]:
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(truth_dir.glob("*.json"))}
+    return {name: record for name, record in records.items() if "turns" in record}
+
+
+def word_error_rate(dataset_dir: str | Path, truth_dir: str | Path) -> dict:
+    """Corpus WER (errors over all reference words) and each recording's, after `normalize`. A recording
+    missing from the dataset counts with every word deleted."""
+    import jiwer
+
+    truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
+    references = [normalize(" ".join(t["text"] for t in record["turns"])) for record in truth.values()]
+    hypotheses = [normalize(" ".join(t["text"] for t in hypothesis.get(name, []))) for name in truth]
+    per_recording = {name: jiwer.wer(r, h) for name, r, h in zip(truth, references, hypotheses, strict=True)}
+    return {"wer": jiwer.wer(references, hypotheses), "per_recording": per_recording}
+
+
+def diarization_error_rate(dataset_dir: str | Path, truth_dir: str | Path, collar: float = 0.5) -> dict:
+    """Corpus DER (missed speech + false alarm + speaker confusion over reference speech time) and each
+    recording's, with the standard forgiveness `collar` (total width, centred on reference boundaries:
+    0.5 = ±0.25 s) because turn boundaries come from word timestamps, not from the waveform."""
+    from pyannote.core import Annotation, Segment, Timeline
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
+    metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
+    per_recording = {}
+    for name, record in truth.items():
+        reference, output = Annotation(uri=name), Annotation(uri=name)
+        for turn in record["turns"]:
+            reference[Segment(turn["start"], turn["end"])] = turn["speaker"]
+        for turn in hypothesis.get(name, []):
+            output[Segment(turn["start"], turn["end"])] = str(turn["speaker"])
+        extent = Timeline([Segment(0.0, record.get("duration", max(t["end"] for t in record["turns"])))])
+        per_recording[name] = metric(reference, output, uem=extent)
+    return {"der": abs(metric), "per_recording": per_recording, "components": dict(metric[:])}
+
+
+def main() -> None:
+    import sys
+
+    args = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    if set(args) != {"dataset", "truth"}:
+        raise SystemExit("usage: python -m data_pipeline.score dataset=DATASET_DIR truth=TRUTH_DIR")
+    wer, der = word_error_rate(args["dataset"], args["truth"]), diarization_error_rate(args["dataset"], args["truth"])
+    print(f"WER {wer['wer']:.3f}  DER {der['der']:.3f} (collar 0.5 s)")
+    for name in wer["per_recording"]:
+        print(f"  {name}: WER {wer['per_recording'][name]:.3f}  DER {der['per_recording'][name]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
