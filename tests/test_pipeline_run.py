@@ -108,3 +108,23 @@ def test_a_crash_mid_run_resumes_to_identical_bytes(corpus, encoder, tmp_path):
 def contents_after_rerun(corpus, out, encoder):
     run(corpus, out, encoder, num_parts=1)
     return contents(out)
+
+
+def test_cli_parts_then_merge_equal_one_process(corpus, mimi_dir, tmp_path):
+    """`python -m data_pipeline` as array tasks would run it: each part alone, then merge_only."""
+    import subprocess
+    import sys
+
+    def cli(out, *args):
+        command = [sys.executable, "-m", "data_pipeline", f"input_dir={corpus}", f"output_dir={out}"]
+        common = ["transcripts=sidecar", f"codec.name_or_path={mimi_dir}", "max_positions=256", "progress=false"]
+        subprocess.run([*command, *common, "samples_per_shard=2", *args], check=True, capture_output=True)
+
+    cli(tmp_path / "one")
+    for part in range(2):
+        cli(tmp_path / "two", "num_parts=2", f"part={part}")
+    assert not (tmp_path / "two" / "manifest.jsonl").exists()  # parts alone do not merge
+    cli(tmp_path / "two", "num_parts=2", "merge_only=true")
+    assert contents(tmp_path / "one") == contents(tmp_path / "two")
+    card = json.loads((tmp_path / "two" / "dataset.json").read_text())
+    assert card["recordings"] == 4 and card["failed"] == 3

@@ -1,0 +1,93 @@
+"""Data-pipeline throughput on the espeak-ng demo corpus, in × real time (audio seconds per wall second).
+
+Two side-by-side comparisons, each on the same audio in one run:
+* ASR: faster-whisper's batched pipeline (what `FasterWhisperASR` uses) vs. its sequential `transcribe` over
+  the same VAD chunks — and whether they return the same words;
+* diarizer embeddings: our batched d-vectors vs. resemblyzer's `embed_utterance` one window at a time (equal
+  vectors);
+then every stage of a whole `Pipeline` run (ingest, VAD, ASR, diarization, quality, Mimi encoding).
+
+    python bench/bench_pipeline.py --conversations 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from data_pipeline.asr import FasterWhisperASR
+from data_pipeline.audio import SAMPLE_RATE, discover, load_audio
+from data_pipeline.codec import RANDOM_INIT, MimiEncoder
+from data_pipeline.demo_corpus import write_demo_corpus
+from data_pipeline.diarize import EmbeddingDiarizer, windows
+from data_pipeline.run import Pipeline, PipelineConfig
+from data_pipeline.transcribe import Transcriber
+from data_pipeline.vad import VAD_SAMPLE_RATE, SileroVAD, merge_regions
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conversations", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        write_demo_corpus(corpus, num_conversations=args.conversations, broken=False)
+        recordings = [load_audio(p) for p in discover(corpus / "audio")]
+        audio16 = [soxr.resample(a, SAMPLE_RATE, VAD_SAMPLE_RATE).astype(np.float32) for a in recordings]
+        seconds = sum(len(a) for a in recordings) / SAMPLE_RATE
+        vad = SileroVAD()
+        regions = [vad(a) for a in audio16]
+        print(f"{len(recordings)} conversations, {seconds:.1f} s of audio")
+
+        asr = FasterWhisperASR()
+        whisper = asr.pipeline.model
+        asr.transcribe(audio16[0], regions[0])  # warm-up
+        batched, t_batched = timed(lambda: [asr.transcribe(a, r) for a, r in zip(audio16, regions, strict=True)])
+
+        def sequential():
+            words = []
+            for a, r in zip(audio16, regions, strict=True):
+                clips = [t for chunk in merge_regions(r) for t in chunk]
+                segments, _ = whisper.transcribe(
+                    a, language="en", beam_size=5, word_timestamps=True, clip_timestamps=clips
+                )
+                words.append([w.word.strip() for s in segments for w in s.words])
+            return words
+
+        plain, t_plain = timed(sequential)
+        same = sum(b == [w.text for w in x] for b, x in zip(plain, batched, strict=True))
+        print(f"ASR  batched {seconds / t_batched:6.1f}x rt   sequential {seconds / t_plain:6.1f}x rt"
+              f"   ratio {t_plain / t_batched:.2f}   identical words in {same}/{len(batched)} recordings")  # fmt: skip
+
+        diarizer = EmbeddingDiarizer()
+        clips = [
+            a[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)]
+            for a, r in zip(audio16, regions, strict=True)
+            for s, e, _, _ in windows(r, diarizer.window, diarizer.step)
+        ]
+        diarizer.embed(clips[:2])  # warm-up
+        ours, t_ours = timed(diarizer.embed, clips)
+        theirs, t_theirs = timed(lambda: np.stack([diarizer.encoder.embed_utterance(c) for c in clips]))
+        print(f"d-vectors  batched {seconds / t_ours:6.1f}x rt   one by one {seconds / t_theirs:6.1f}x rt"
+              f"   ratio {t_theirs / t_ours:.2f}   max |difference| {np.abs(ours - theirs).max():.1e}")  # fmt: skip
+
+        config = PipelineConfig(str(corpus / "audio"), str(Path(tmp) / "dataset"), max_positions=512)
+        pipeline = Pipeline(config, MimiEncoder(RANDOM_INIT), Transcriber(vad, asr, diarizer))
+        pipeline.run_part(0, progress=False)
+        for stage, t in pipeline.throughput().items():
+            print(f"stage {stage:>10}: {t['seconds']:7.2f} s  {t['x_real_time']:9.1f}x real time")
+
+
+if __name__ == "__main__":
+    main()
