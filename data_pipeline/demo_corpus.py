@@ -6,22 +6,26 @@ VAD → ASR → diarization → Mimi and score the result against `truth/`.
 
 writes `DIR/audio/` (the pipeline's input: conversations in several formats, plus planted broken files) and
 `DIR/truth/` (`conv_NNNN.json` and `.rttm` per conversation, `broken.json`: each broken file's expected
-failure reason). A seed gives the same bytes in every file: espeak-ng, soxr and libsndfile are
-deterministic, except for the random Ogg stream serial libsndfile picks, which is fixed here.
+failure reason). Each conversation has 2–3 speakers (distinct voices, at 150–165 words a minute) and 4–8
+alternating turns, 0.3–0.9 s apart. A seed gives the same bytes in every file: espeak-ng, soxr and
+libsndfile are deterministic, except for the random Ogg stream serial libsndfile picks, which is fixed here.
 
-Voices were chosen by measurement. resemblyzer cosine similarity, mean over 40 sentences per voice at
-`-s 155` (diagonal: two different sentences by the same voice; the pipeline's diarizer tells voices apart
-only if the diagonal clearly beats the rest):
+Voices were chosen by measurement, from ~80 candidates (`espeak-ng --voices=en` × the `!v` variants): the
+six most mutually distinct among those Whisper tiny.en transcribes well. resemblyzer cosine similarity
+between utterance embeddings, mean over pairs of different sentences (40 sentences per voice, `-s 155`): the
+diagonal (same voice) clearly beats the rest, which is what lets the diarizer separate speakers.
 
-                 edward  us+m3  us+f2  travis   zac  grandma
-    en+edward     0.92    ...
-    en-us+m3      ...
-    en-us+f2
-    en+travis
-    en+zac
-    en+grandma
+                edward  us+m3  us+f3  Hugo  steph  quincy
+    en+edward    0.90   0.61   0.51   0.64   0.51   0.58
+    en-us+m3            0.85   0.56   0.57   0.55   0.59
+    en-us+f3                   0.84   0.47   0.57   0.50
+    en+Hugo                           0.87   0.64   0.61
+    en+steph                                 0.89   0.54
+    en+quincy                                       0.87
 
-faster-whisper tiny.en word error rate over the same 40 sentences: ...
+tiny.en word error rate on all 40 sentences, in ~30 s chunks, per voice: 0.0, 0.3, 0.6, 0.0, 1.8, 0.6 %.
+Variants sharing a formant model sound alike to resemblyzer (en+klatt/klatt4/edward 0.81, en-us+m1/m3 0.85,
+en+steph/steph2 0.87), and many transcribe poorly (en+zac 12 %, en-gb-x-rp+f4 13 %, en+kaukovalta 37 %).
 """
 
 from __future__ import annotations
@@ -44,48 +48,49 @@ from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "pipeline")
 SAMPLE_RATE = MIMI_SAMPLE_RATE  # conversations are assembled at 24 kHz; truth times are in seconds
-VOICES = ("en+edward", "en-us+m3", "en-us+f2", "en+travis", "en+zac", "en+grandma")
+VOICES = ("en+edward", "en-us+m3", "en-us+f3", "en+Hugo", "en+steph", "en+quincy")
 SPEAKERS = "ABC"
-# Plain everyday sentences, 7–12 common words, no numbers or abbreviations: what tiny.en transcribes well.
-# Words it misheard from these voices ("buy milk and bread" → "rent", "playing" → "plating") were replaced.
+# Plain everyday sentences, 6–12 common words, no numbers or abbreviations: what tiny.en transcribes well.
+# Phrases it often misheard from espeak ("might rain" → "my train", "stories at parties" → "story that part
+# is", "tonight" → "to night") were replaced.
 SENTENCES = (
-    "Did you get a chance to read my message this morning?",
-    "I think we should leave a little earlier tomorrow.",
+    "I sent you a long message this morning.",
+    "I think we should leave the house soon.",
     "The coffee shop on the corner is closed this week.",
-    "Can you help me carry these boxes upstairs?",
+    "Can you help me move these boxes to the car?",
     "I was thinking about making pasta for dinner.",
-    "That sounds like a great idea to me.",
-    "We could take the train instead of driving.",
-    "My brother is coming to visit next week.",
-    "Have you seen the new movie everyone is talking about?",
-    "I left my keys on the kitchen table again.",
-    "The weather is supposed to be nice this weekend.",
+    "That sounds like a really good idea.",
+    "We can take the train instead of driving.",
+    "My parents are coming to visit next week.",
+    "Have you seen the new movie your friends are talking about?",
+    "I left my coat on the kitchen table again.",
+    "It is supposed to be sunny all weekend.",
     "Let me know when you are ready to go.",
-    "I really liked the book you gave me.",
-    "Could you turn the music down a little?",
-    "We need to stop at the store on the way home.",
+    "I really liked the present you gave me.",
+    "Please turn the music off in the kitchen.",
+    "We need to get some food on the way home.",
     "The meeting went better than I expected.",
     "Have you seen my phone anywhere?",
     "Do you want to go for a walk after lunch?",
-    "The garden looks beautiful in the spring.",
+    "The flowers in the garden look beautiful.",
     "I will call you when I get to the station.",
-    "She said the test was easier than last time.",
-    "We have to clean the house before our friends come over.",
-    "I heard it might rain later this afternoon.",
-    "Thank you so much for helping me today.",
-    "The bus was late again this morning.",
-    "What time does the store close tonight?",
-    "I forgot to water the plants yesterday.",
-    "Maybe we can watch a movie at home tonight.",
+    "She told me the test was not very hard.",
+    "Let us clean the house before our friends come over.",
+    "They say it will rain later in the afternoon.",
+    "Thank you so much for your help.",
+    "The train was late again this morning.",
+    "When does the shop close in the evening?",
+    "I forgot to call my mother yesterday.",
+    "Maybe we can watch a movie at home later.",
     "The children are out in the park with their friends.",
     "I need to finish this work before dinner.",
-    "Your new jacket looks really nice on you.",
-    "Let us try the little restaurant near the river.",
-    "He always tells the funniest stories at parties.",
+    "Your new shoes look really nice.",
+    "We could try the new restaurant in town.",
+    "He always makes us laugh at dinner.",
     "I can pick up the kids from school today.",
     "The dog has been sleeping on the couch all day.",
     "We should go to the beach this summer.",
-    "I think I left the window open upstairs.",
+    "I think I left the lights on at home.",
     "Do you remember where we parked the car?",
     "It was really good to see you again.",
     "I will make some tea if you want some.",
@@ -184,10 +189,10 @@ def assemble(plan: dict, clips: list[np.ndarray]) -> tuple[np.ndarray, list[dict
     return np.concatenate(pieces), turns
 
 
-def encode(audio: np.ndarray, fmt: Format, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """`audio` (mono) as a file in `fmt`: resampled, and for stereo the right channel 4 dB quieter."""
-    if fmt.sample_rate != sample_rate:
-        audio = soxr.resample(audio, sample_rate, fmt.sample_rate, quality="HQ")
+def encode(audio: np.ndarray, fmt: Format) -> bytes:
+    """24 kHz mono `audio` as a file in `fmt`: resampled, and for stereo the right channel 4 dB quieter."""
+    if fmt.sample_rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, SAMPLE_RATE, fmt.sample_rate, quality="HQ")
     if fmt.channels == 2:
         audio = np.stack([audio, audio * 0.63], axis=1)
     buffer = io.BytesIO()
@@ -257,6 +262,8 @@ def write_demo_corpus(out_dir: str | Path, num_conversations: int = 8, seed: int
     audio_dir, truth_dir = out / "audio", out / "truth"
     audio_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*audio_dir.glob("conv_*"), *audio_dir.glob("broken_*"), *truth_dir.glob("*")]:
+        stale.unlink()  # an earlier build's: a smaller or other corpus must not inherit its files
     plans = [plan_conversation(seed, i) for i in range(num_conversations)]
     progress = tqdm(total=sum(len(p["turns"]) for p in plans), desc="synthesising turns", unit="turn")
     seconds, speech_seconds, voices = 0.0, 0.0, set()

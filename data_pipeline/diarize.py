@@ -7,8 +7,9 @@ Two backends behind one interface, `__call__(audio_16k, regions) -> list[Speaker
   resemblyzer's speaker encoder (it ships its weights); the vectors are clustered by agglomerative
   clustering on cosine distance, cut at `threshold` or at a known `num_speakers`. Each window speaks for
   the stretch of its region nearest its centre. Good for clean, turn-taking speech with no overlap.
-* `PyannoteDiarizer` (production): a pyannote.audio pipeline (`pyannote/speaker-diarization-3.1` with a
-  Hub token, or a local directory) — segmentation + embeddings + clustering, overlap-aware.
+* `PyannoteDiarizer` (production): a pyannote.audio 4 pipeline (`pyannote/speaker-diarization-3.1` with a
+  Hub token, or a local directory) — segmentation + embeddings + clustering, overlap-aware
+  (scripts/install_extras.sh installs it).
 """
 
 from __future__ import annotations
@@ -108,7 +109,12 @@ class EmbeddingDiarizer:
 
 
 class PyannoteDiarizer:
-    """A pyannote.audio pipeline from the Hub (`token` for gated models) or a local directory."""
+    """A pyannote.audio 4 speaker-diarization pipeline: a Hub id (gated ones need their conditions accepted and
+    a token: `token`, or huggingface_hub's own login / HF_TOKEN when null) or a local directory holding a
+    pipeline `config.yaml`. It runs on the whole recording (it has its own segmentation; the VAD regions are not
+    used). `exclusive` returns pyannote's non-overlapping diarization, the one meant for assigning words.
+    pyannote 4 sends usage telemetry to pyannote.ai unless PYANNOTE_METRICS_ENABLED is set: this sets it to 0.
+    """
 
     def __init__(
         self,
@@ -117,11 +123,21 @@ class PyannoteDiarizer:
         num_speakers: int | None = None,
         min_speakers: int | None = None,
         max_speakers: int | None = None,
+        exclusive: bool = True,
         device: str = "auto",
     ):
-        import torch
-        from pyannote.audio import Pipeline
+        import os
+        import warnings
 
+        import torch
+
+        os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")  # read when pyannote.audio is first imported
+        with warnings.catch_warnings():  # "torchcodec is not installed correctly": audio is passed in memory
+            warnings.filterwarnings("ignore", message=r"\s*torchcodec")
+            from pyannote.audio import Pipeline
+
+        if pipeline.startswith(("/", ".")) and not os.path.exists(pipeline):  # else pyannote calls it a bad Hub id
+            raise FileNotFoundError(f"diarizer.pipeline={pipeline}: no such pipeline directory or config.yaml")
         self.pipeline = Pipeline.from_pretrained(pipeline, token=token)
         if self.pipeline is None:
             raise ValueError(f"pyannote could not load {pipeline!r}: accept its conditions on the Hub and pass a token")
@@ -129,6 +145,7 @@ class PyannoteDiarizer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipeline.to(torch.device(device))
         self.speakers = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers}
+        self.exclusive = exclusive
 
     def __call__(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[SpeakerSpan]:
         import torch
@@ -136,7 +153,7 @@ class PyannoteDiarizer:
         # In memory: pyannote's own decoder (torchcodec) is a CUDA build on PyPI.
         waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": VAD_SAMPLE_RATE}
         output = self.pipeline(waveform, **{k: v for k, v in self.speakers.items() if v is not None})
-        annotation = getattr(output, "speaker_diarization", output)  # pyannote 4 wraps it; 3.x returns it
+        annotation = output.exclusive_speaker_diarization if self.exclusive else output.speaker_diarization
         return [
             SpeakerSpan(str(speaker), float(segment.start), float(segment.end))
             for segment, _, speaker in annotation.itertracks(yield_label=True)
