@@ -14,6 +14,8 @@ Two backends behind one interface, `__call__(audio_16k, regions) -> list[Speaker
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from data_pipeline.turns import SpeakerSpan
@@ -75,7 +77,9 @@ class EmbeddingDiarizer:
         step_seconds: float = 0.75,
         device: str = "cpu",
     ):
-        from resemblyzer import VoiceEncoder
+        with warnings.catch_warnings():  # its webrtcvad imports the deprecated pkg_resources (we pin setuptools)
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            from resemblyzer import VoiceEncoder
 
         self.encoder = VoiceEncoder(device, verbose=False)
         self.threshold, self.num_speakers = threshold, num_speakers
@@ -127,7 +131,6 @@ class PyannoteDiarizer:
         device: str = "auto",
     ):
         import os
-        import warnings
 
         import torch
 

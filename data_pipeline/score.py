@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards import read_samples
 
 # Lower case, no punctuation, one space between words: Whisper writes "Hello, world." for "hello world".
 _PUNCTUATION = re.compile(r"[^\w\s']")
@@ -29,16 +28,10 @@ def normalize(text: str) -> str:
 
 def dataset_turns(dataset_dir: str | Path) -> dict[str, list[dict]]:
     """Source recording (path below the input dir, no suffix) → its kept turns in time order."""
-    dataset_dir = Path(dataset_dir)
     turns: dict[str, list[dict]] = defaultdict(list)
-    for shard in sorted({row["shard"] for row in read_manifest(dataset_dir)}):
-        with tarfile.open(dataset_dir / "shards" / shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in members:
-                if name.endswith(".segments.json"):
-                    meta = json.loads(tar.extractfile(members[name.replace("segments", "meta")]).read())
-                    source = str(Path(meta["source"]).with_suffix(""))
-                    turns[source] += json.loads(tar.extractfile(members[name]).read())
+    for _, sample in read_samples(dataset_dir):
+        source = str(Path(json.loads(sample["meta.json"])["source"]).with_suffix(""))
+        turns[source] += json.loads(sample["segments.json"])
     return {source: sorted(ts, key=lambda t: t["start"]) for source, ts in turns.items()}
 
 

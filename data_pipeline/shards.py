@@ -18,6 +18,8 @@ import io
 import json
 import os
 import re
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,3 +174,22 @@ def read_manifest(dataset_dir: str | Path) -> list[dict]:
         )
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_samples(dataset_dir: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of a dataset directory in manifest order: (key, {"codes.npy": bytes, "segments.json": ...,
+    "meta.json": ...}). For inspection, scoring and tests; training streams through csm_train.data."""
+    dataset_dir = Path(dataset_dir)
+    by_shard: dict[str, list[str]] = {}
+    for row in read_manifest(dataset_dir):
+        by_shard.setdefault(row["shard"], []).append(row["key"])
+    for shard, keys in by_shard.items():
+        with tarfile.open(dataset_dir / "shards" / shard) as tar:
+            for key in keys:
+                yield (
+                    key,
+                    {
+                        name: tar.extractfile(f"{key}.{name}").read()
+                        for name in ("codes.npy", "segments.json", "meta.json")
+                    },
+                )

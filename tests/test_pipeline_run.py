@@ -11,6 +11,7 @@ from csm_train.data import FrameStream
 from csm_train.tokenizer import ByteTokenizer
 from data_pipeline.codec import MimiEncoder
 from data_pipeline.run import Pipeline, PipelineConfig, merge
+from data_pipeline.shards import read_samples
 from data_pipeline.transcribe import SidecarTranscripts
 
 LINES = ["we should go to the library", "sounds good to me", "let us meet at ten", "i will bring coffee"]
@@ -59,16 +60,7 @@ def run(corpus, out, encoder, num_parts):
 
 
 def contents(out):
-    """Every sample's key and bytes, through the manifest."""
-    import tarfile
-
-    members = {}
-    for row in (out / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(row)
-        with tarfile.open(out / "shards" / row["shard"]) as tar:
-            for name in ("codes.npy", "segments.json"):
-                members[f"{row['key']}.{name}"] = tar.extractfile(f"{row['key']}.{name}").read()
-    return members
+    return dict(read_samples(out))
 
 
 def test_pipeline_writes_the_shard_contract_and_records_failures(corpus, encoder, tmp_path):
