@@ -1,0 +1,131 @@
+"""Frame-by-frame generation with KV caches, as Sesame's generator does it.
+
+The prompt is a conversation (csm_train/layout.py): context turns with their audio, then the turn to speak
+as text only. Each step the backbone reads one new frame (the whole prompt on the first step) through its
+KV cache; codebook 0 is sampled from `codebook0_head` of its last state; then the depth decoder produces
+codebooks 1..K-1 one at a time from [that state, c0, c1, ...] — its cache spans one frame and is simply
+overwritten by the next (positions restart at 0). The frame goes back into the backbone as its next input.
+Generation stops at an all-zero frame (end of audio, as trained) or after `max_frames`.
+
+Prompts of different lengths are left-padded to one batch: RoPE scores depend only on the distance between
+positions, so a row shifted right by its padding attends exactly as it would alone, with the pad keys
+masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from csm_train.layout import Segment, conversation_frames
+from csm_train.model import CSM
+from csm_train.tokenizer import TextTokenizer
+
+
+@dataclass
+class Generated:
+    codes: list[torch.Tensor]  # per prompt: [K, n_frames] Mimi codes, without the end-of-audio frame
+    c0_logits: torch.Tensor  # [B, steps, audio_vocab], each step's codebook-0 logits
+    decoder_logits: torch.Tensor  # [B, steps, K-1, audio_vocab], each step's codebook 1..K-1 logits
+
+
+def sample_topk(logits: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`logits [B, V]` → `[B]`: sample among the `topk` most likely after dividing by `temperature`;
+    temperature 0 takes the argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    kth = logits.topk(min(topk, logits.shape[-1]), dim=-1).values[:, -1:]
+    probs = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def prompt_frames(
+    tokenizer: TextTokenizer, num_codebooks: int, text: str, speaker: int, context: list[Segment]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    frames = conversation_frames([*context, Segment(speaker, text)], tokenizer, num_codebooks)
+    return frames.tokens, frames.tokens_mask
+
+
+@torch.inference_mode()
+def generate(
+    model: CSM,
+    prompts: list[tuple[torch.Tensor, torch.Tensor]],
+    max_frames: int = 250,
+    temperature: float = 0.9,
+    topk: int = 50,
+    seed: int | None = None,
+) -> Generated:
+    """Generate audio codes for each prompt (`(tokens, tokens_mask)`, each `[T, K+1]`, from `prompt_frames`).
+    `max_frames` bounds each answer (250 frames = 20 s). Same seed, same codes."""
+    K, device = model.config.num_codebooks, model.codebook0_head.weight.device
+    lengths = [len(tokens) for tokens, _ in prompts]
+    B, T = len(prompts), max(lengths)
+    limit = model.config.backbone.max_seq_len
+    if T + max_frames > limit:
+        raise ValueError(
+            f"Inputs too long: a prompt of {T} frames plus max_frames={max_frames} exceeds the backbone's "
+            f"max_seq_len={limit}. Drop context turns or lower max_frames."
+        )
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    tokens = torch.zeros(B, T, K + 1, dtype=torch.long, device=device)
+    tokens_mask = torch.zeros(B, T, K + 1, dtype=torch.bool, device=device)
+    keys = torch.zeros(B, 1, 1, limit, dtype=torch.bool, device=device)  # which cache positions hold real frames
+    for row, (t, m) in enumerate(prompts):
+        tokens[row, T - len(t) :], tokens_mask[row, T - len(t) :] = t, m
+        keys[row, ..., T - len(t) : T] = True
+    keys[..., T:] = True  # generated frames
+
+    model.setup_caches(B)
+    try:
+        positions = torch.arange(T, device=device).expand(B, T)
+        frames, c0_steps, decoder_steps = [], [], []
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # Pad queries may see every key before them: a fully masked row would make NaNs that reach real rows
+        # through the cached values (0 attention weight times NaN is NaN). Real queries never see pad keys.
+        mask = (
+            keys
+            | (torch.arange(T, device=device) < T - torch.tensor(lengths, device=device)[:, None])[:, None, :, None]
+        )
+        for _ in range(max_frames):
+            h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
+            frame, c0_logits, decoder_logits = _decode_frame(model, h, temperature, topk, generator)
+            frames.append(frame)
+            c0_steps.append(c0_logits)
+            decoder_steps.append(decoder_logits)
+            done |= (frame == 0).all(dim=-1)
+            if done.all():
+                break
+            tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=-1)[:, None]
+            tokens_mask = torch.ones_like(tokens, dtype=torch.bool)
+            tokens_mask[..., K] = False
+            positions, mask = positions[:, -1:] + 1, keys
+    finally:
+        model.remove_caches()
+    stacked = torch.stack(frames, dim=1)  # [B, steps, K]
+    codes = []
+    for row in range(B):
+        end = (stacked[row] == 0).all(dim=-1).nonzero()
+        n = int(end[0]) if len(end) else stacked.shape[1]
+        codes.append(stacked[row, :n].T.cpu())
+    return Generated(codes, torch.stack(c0_steps, dim=1), torch.stack(decoder_steps, dim=1))
+
+
+def _decode_frame(model: CSM, h: torch.Tensor, temperature: float, topk: int, generator):
+    """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
+    from the depth decoder, each fed back as its next input."""
+    K = model.config.num_codebooks
+    c0_logits = model.codebook0_head(h)
+    code = sample_topk(c0_logits, temperature, topk, generator)
+    codes, logits = [code], []
+    x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
+    positions = torch.arange(2, device=h.device).expand(len(h), 2)
+    for i in range(1, K):
+        y = model.decoder(x, input_pos=positions)[:, -1]
+        logits.append(y @ model.audio_head[i - 1])
+        code = sample_topk(logits[-1], temperature, topk, generator)
+        codes.append(code)
+        x = model.projection(model.embed_audio(i, code))[:, None]
+        positions = positions[:, -1:] + 1
+    return torch.stack(codes, dim=-1), c0_logits, torch.stack(logits, dim=1)
