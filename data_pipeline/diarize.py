@@ -68,25 +68,20 @@ def spans_from_labels(stretches: list[tuple[float, float]], labels: np.ndarray) 
     return spans
 
 
-class EmbeddingDiarizer:
-    def __init__(
-        self,
-        threshold: float = 0.3,
-        num_speakers: int | None = None,
-        window_seconds: float = 1.5,
-        step_seconds: float = 0.75,
-        device: str = "cpu",
-    ):
+class DVectorEncoder:
+    """resemblyzer's speaker encoder (GE2E d-vectors, 256-d; it ships its weights), batched: the diarizer
+    embeds windows with it and the evaluation's speaker similarity compares voices with it."""
+
+    def __init__(self, device: str = "cpu"):
         with warnings.catch_warnings():  # its webrtcvad imports the deprecated pkg_resources (we pin setuptools)
             warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
             from resemblyzer import VoiceEncoder
 
         self.encoder = VoiceEncoder(device, verbose=False)
-        self.threshold, self.num_speakers = threshold, num_speakers
-        self.window, self.step = window_seconds, step_seconds
 
     def embed(self, clips: list[np.ndarray]) -> np.ndarray:
-        """resemblyzer's `embed_utterance` (mean of 1.6 s partial d-vectors, L2-normed), batched over clips."""
+        """16 kHz clips → `[N, 256]` unit vectors: resemblyzer's `embed_utterance` (the L2-normed mean of
+        1.6 s partial d-vectors), with every clip's partials in one forward pass."""
         import torch
         from resemblyzer.audio import wav_to_mel_spectrogram
 
@@ -103,11 +98,27 @@ class EmbeddingDiarizer:
         means = np.stack([partials[owner == i].mean(axis=0) for i in range(len(clips))])
         return means / np.linalg.norm(means, axis=1, keepdims=True)
 
+
+class EmbeddingDiarizer:
+    def __init__(
+        self,
+        threshold: float = 0.3,
+        num_speakers: int | None = None,
+        window_seconds: float = 1.5,
+        step_seconds: float = 0.75,
+        device: str = "cpu",
+    ):
+        self.encoder = DVectorEncoder(device)
+        self.threshold, self.num_speakers = threshold, num_speakers
+        self.window, self.step = window_seconds, step_seconds
+
     def __call__(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[SpeakerSpan]:
         tiles = windows(regions, self.window, self.step)
         if not tiles:
             return []
-        embeddings = self.embed([audio[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)] for s, e, _, _ in tiles])
+        embeddings = self.encoder.embed(
+            [audio[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)] for s, e, _, _ in tiles]
+        )
         labels = cluster(embeddings, self.threshold, self.num_speakers)
         return spans_from_labels([(own_start, own_end) for _, _, own_start, own_end in tiles], labels)
 

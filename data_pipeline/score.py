@@ -12,18 +12,11 @@ deletions and missed speech.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from data_pipeline.shards import read_samples
-
-# Lower case, no punctuation, one space between words: Whisper writes "Hello, world." for "hello world".
-_PUNCTUATION = re.compile(r"[^\w\s']")
-
-
-def normalize(text: str) -> str:
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+from eval.metrics import normalize_text
 
 
 def dataset_turns(dataset_dir: str | Path) -> dict[str, list[dict]]:
@@ -46,8 +39,8 @@ def word_error_rate(dataset_dir: str | Path, truth_dir: str | Path) -> dict:
     import jiwer
 
     truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
-    references = [normalize(" ".join(t["text"] for t in record["turns"])) for record in truth.values()]
-    hypotheses = [normalize(" ".join(t["text"] for t in hypothesis.get(name, []))) for name in truth]
+    references = [normalize_text(" ".join(t["text"] for t in record["turns"])) for record in truth.values()]
+    hypotheses = [normalize_text(" ".join(t["text"] for t in hypothesis.get(name, []))) for name in truth]
     per_recording = {name: jiwer.wer(r, h) for name, r, h in zip(truth, references, hypotheses, strict=True)}
     return {"wer": jiwer.wer(references, hypotheses), "per_recording": per_recording}
 
