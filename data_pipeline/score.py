@@ -34,8 +34,8 @@ def _truth(truth_dir: Path) -> dict[str, dict]:
 
 
 def word_error_rate(dataset_dir: str | Path, truth_dir: str | Path) -> dict:
-    """Corpus WER (errors over all reference words) and each recording's, after Whisper's English normaliser (eval.metrics). A recording
-    missing from the dataset counts with every word deleted."""
+    """Corpus WER (errors over all reference words) and each recording's, after Whisper's English normaliser
+    (eval.metrics). A recording missing from the dataset counts with every word deleted."""
     import jiwer
 
     truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
