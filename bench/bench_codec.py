@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from data_pipeline.codec import MimiEncoder
+from data_pipeline.codec import MimiCodec
 
 
 def main():
@@ -38,8 +38,8 @@ def main():
             MimiModel(MimiConfig()).save_pretrained(tmp)
             weights = tmp
         encoders = {
-            "batched": MimiEncoder(weights, batch_size=args.batch),
-            "one at a time": MimiEncoder(weights, batch_size=1),
+            "batched": MimiCodec(weights, batch_size=args.batch),
+            "one at a time": MimiCodec(weights, batch_size=1),
         }
         encoders["batched"].encode(audios[:2])  # warm-up
         speed = {}

@@ -22,7 +22,7 @@ import soxr
 
 from data_pipeline.asr import FasterWhisperASR
 from data_pipeline.audio import SAMPLE_RATE, discover, load_audio
-from data_pipeline.codec import RANDOM_INIT, MimiEncoder
+from data_pipeline.codec import RANDOM_INIT, MimiCodec
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.diarize import EmbeddingDiarizer, windows
 from data_pipeline.run import Pipeline, PipelineConfig
@@ -83,7 +83,7 @@ def main():
               f"   ratio {t_theirs / t_ours:.2f}   max |difference| {np.abs(ours - theirs).max():.1e}")  # fmt: skip
 
         config = PipelineConfig(str(corpus / "audio"), str(Path(tmp) / "dataset"), max_positions=512)
-        pipeline = Pipeline(config, MimiEncoder(RANDOM_INIT), Transcriber(vad, asr, diarizer))
+        pipeline = Pipeline(config, MimiCodec(RANDOM_INIT), Transcriber(vad, asr, diarizer))
         pipeline.run_part(0, progress=False)
         for stage, t in pipeline.throughput().items():
             print(f"stage {stage:>10}: {t['seconds']:7.2f} s  {t['x_real_time']:9.1f}x real time")

@@ -1,4 +1,5 @@
-"""Stage 7: turns' audio → Mimi codes (32 codebooks at 12.5 Hz), batched, on the GPU when there is one.
+"""Stage 7: turns' audio → Mimi codes (32 codebooks at 12.5 Hz), batched, on the GPU when there is one; and
+back (generated codes → 24 kHz audio, for evaluation).
 
 transformers' `MimiModel` is the codec Sesame uses through moshi (same architecture and weights, published
 as `kyutai/mimi`), and installs cleanly beside everything else. Its encoder is causal, so right-padding a
@@ -45,7 +46,7 @@ def random_mimi(seed: int = 0):
     return model
 
 
-class MimiEncoder:
+class MimiCodec:
     """`name_or_path`: a Hub id or a local `save_pretrained` directory; `random-init` builds `random_mimi(seed)`
     (its codes are a fixed function of the audio, fine for smoke runs, meaningless as speech tokens)."""
 
@@ -89,3 +90,12 @@ class MimiEncoder:
                 frames = math.ceil(len(audios[i]) / SAMPLES_PER_FRAME)
                 codes[i] = out[row, :, :frames].cpu().numpy().astype(np.uint16)
         return codes
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Codes `[num_codebooks, n_frames]` → 24 kHz mono float32, 1920 samples per frame."""
+        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes)
+        if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected [{self.num_codebooks}, n_frames]")
+        audio = self.model.decode(codes.long()[None].to(self.device)).audio_values
+        return audio[0, 0, : codes.shape[1] * SAMPLES_PER_FRAME].float().cpu().numpy()

@@ -9,7 +9,7 @@ import soundfile as sf
 
 from csm_train.data import FrameStream
 from csm_train.tokenizer import ByteTokenizer
-from data_pipeline.codec import MimiEncoder
+from data_pipeline.codec import MimiCodec
 from data_pipeline.run import Pipeline, PipelineConfig, merge
 from data_pipeline.shards import read_samples
 from data_pipeline.transcribe import SidecarTranscripts
@@ -48,7 +48,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(mimi_dir):
-    return MimiEncoder(str(mimi_dir))
+    return MimiCodec(str(mimi_dir))
 
 
 def run(corpus, out, encoder, num_parts):
