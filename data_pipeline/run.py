@@ -236,10 +236,11 @@ class Pipeline:
     def throughput(self) -> dict:
         """Per stage: wall seconds and audio seconds per second (× real time), over the cached inputs."""
         audio, seconds = 0.0, Counter()
-        for path in self.work.rglob("*.json"):
-            if path.name.endswith(".failed.json") or path.name == "config.json":
+        for path in self.inputs:
+            done, _ = self._cache(source_id(path, self.root))
+            if not done.exists():
                 continue
-            cached = json.loads(path.read_text())
+            cached = json.loads(done.read_text())
             audio += cached["meta"]["duration"]
             seconds.update(cached["timings"])
         return {stage: {"seconds": t, "x_real_time": audio / t if t else None} for stage, t in seconds.items()}

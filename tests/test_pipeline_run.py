@@ -120,3 +120,24 @@ def test_cli_parts_then_merge_equal_one_process(corpus, mimi_dir, tmp_path):
     assert contents(tmp_path / "one") == contents(tmp_path / "two")
     card = json.loads((tmp_path / "two" / "dataset.json").read_text())
     assert card["recordings"] == 4 and card["failed"] == 3
+
+
+def test_an_unexpected_error_is_recorded_and_retried_by_the_next_run(corpus, encoder, tmp_path):
+    class FlakyTranscripts(SidecarTranscripts):
+        def __call__(self, path, audio):
+            if path.stem == "talk_1" and self.fail:
+                raise RuntimeError("model server went away")
+            return super().__call__(path, audio)
+
+    transcripts = FlakyTranscripts()
+    transcripts.fail = True
+    config = PipelineConfig(str(corpus), str(tmp_path), max_positions=256, samples_per_shard=2)
+    pipeline = Pipeline(config, encoder, transcripts)
+    pipeline.run_part(0, progress=False)
+    failures = [json.loads(line) for line in (tmp_path / "parts" / "part-0000" / "failures.jsonl").open()]
+    assert {f["reason"] for f in failures if "talk_1" in f["input"]} == {"error:RuntimeError"}
+    assert set(pipeline.throughput()) >= {"ingest", "encode"}  # the error record is not a finished input
+    transcripts.fail = False
+    pipeline.run_part(0, progress=False)  # retried, unlike bad audio
+    failures = (tmp_path / "parts" / "part-0000" / "failures.jsonl").read_text()
+    assert "talk_1" not in failures
