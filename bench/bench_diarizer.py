@@ -13,15 +13,13 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import soxr
-from pyannote.core import Annotation, Segment, Timeline
 from pyannote.metrics.diarization import DiarizationErrorRate
 
-from data_pipeline.audio import SAMPLE_RATE, load_audio
+from data_pipeline.audio import load_audio, to_model_rate
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.diarize import EmbeddingDiarizer
-from data_pipeline.vad import VAD_SAMPLE_RATE, SileroVAD
+from data_pipeline.score import score_recording
+from data_pipeline.vad import SileroVAD
 
 
 def main():
@@ -35,7 +33,7 @@ def main():
         for path in sorted((Path(tmp) / "truth").glob("conv_*.json")):
             truth = json.loads(path.read_text())
             audio = load_audio(Path(tmp) / "audio" / truth["audio"])
-            audio16 = soxr.resample(audio, SAMPLE_RATE, VAD_SAMPLE_RATE).astype(np.float32)
+            audio16 = to_model_rate(audio)
             recordings.append((truth, audio16, vad(audio16)))
     diarizer = EmbeddingDiarizer()
     print(f"{len(recordings)} conversations (seed {args.seed}); DER with a 0.5 s collar")
@@ -43,12 +41,7 @@ def main():
         diarizer.window, diarizer.step, diarizer.threshold = window, step, threshold
         metric = DiarizationErrorRate(collar=0.5)
         for truth, audio16, regions in recordings:
-            reference, hypothesis = Annotation(), Annotation()
-            for turn in truth["turns"]:
-                reference[Segment(turn["start"], turn["end"])] = turn["speaker"]
-            for span in diarizer(audio16, regions):
-                hypothesis[Segment(span.start, span.end)] = span.speaker
-            metric(reference, hypothesis, uem=Timeline([Segment(0.0, truth["duration"])]))
+            score_recording(metric, truth, [(s.start, s.end, s.speaker) for s in diarizer(audio16, regions)])
         print(f"window {window:.1f} s / hop {step:.2f} s  threshold {threshold:.1f}:  DER {abs(metric):.3f}")
 
 

@@ -49,21 +49,29 @@ def diarization_error_rate(dataset_dir: str | Path, truth_dir: str | Path, colla
     """Corpus DER (missed speech + false alarm + speaker confusion over reference speech time) and each
     recording's, with the standard forgiveness `collar` (total width, centred on reference boundaries:
     0.5 = ±0.25 s) because turn boundaries come from word timestamps, not from the waveform."""
-    from pyannote.core import Annotation, Segment, Timeline
     from pyannote.metrics.diarization import DiarizationErrorRate
 
     truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
     metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
-    per_recording = {}
-    for name, record in truth.items():
-        reference, output = Annotation(uri=name), Annotation(uri=name)
-        for turn in record["turns"]:
-            reference[Segment(turn["start"], turn["end"])] = turn["speaker"]
-        for turn in hypothesis.get(name, []):
-            output[Segment(turn["start"], turn["end"])] = str(turn["speaker"])
-        extent = Timeline([Segment(0.0, record.get("duration", max(t["end"] for t in record["turns"])))])
-        per_recording[name] = metric(reference, output, uem=extent)
+    per_recording = {
+        name: score_recording(metric, record, [(t["start"], t["end"], t["speaker"]) for t in hypothesis.get(name, [])])
+        for name, record in truth.items()
+    }
     return {"der": abs(metric), "per_recording": per_recording, "components": dict(metric[:])}
+
+
+def score_recording(metric, record: dict, turns: list[tuple[float, float, int | str]]) -> float:
+    """Add one recording to a pyannote `metric`: its truth `record` against `(start, end, speaker)` turns,
+    over the whole recording. Returns the recording's own value."""
+    from pyannote.core import Annotation, Segment, Timeline
+
+    reference, output = Annotation(), Annotation()
+    for turn in record["turns"]:
+        reference[Segment(turn["start"], turn["end"])] = turn["speaker"]
+    for start, end, speaker in turns:
+        output[Segment(start, end)] = str(speaker)
+    extent = Timeline([Segment(0.0, record.get("duration", max(t["end"] for t in record["turns"])))])
+    return metric(reference, output, uem=extent)
 
 
 def main() -> None:
