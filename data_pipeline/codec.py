@@ -94,7 +94,7 @@ class MimiCodec:
     @torch.inference_mode()
     def decode(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
         """Codes `[num_codebooks, n_frames]` → 24 kHz mono float32, 1920 samples per frame."""
-        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes)
+        codes = torch.as_tensor(codes)
         if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected [{self.num_codebooks}, n_frames]")
         audio = self.model.decode(codes.long()[None].to(self.device)).audio_values
