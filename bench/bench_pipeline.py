@@ -18,16 +18,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soxr
 
 from data_pipeline.asr import FasterWhisperASR
-from data_pipeline.audio import SAMPLE_RATE, discover, load_audio
+from data_pipeline.audio import MODEL_SAMPLE_RATE, SAMPLE_RATE, discover, load_audio, to_model_rate
 from data_pipeline.codec import RANDOM_INIT, MimiCodec
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.diarize import EmbeddingDiarizer, windows
 from data_pipeline.run import Pipeline, PipelineConfig
 from data_pipeline.transcribe import Transcriber
-from data_pipeline.vad import VAD_SAMPLE_RATE, SileroVAD, merge_regions
+from data_pipeline.vad import SileroVAD, merge_regions
 
 
 def timed(fn, *args):
@@ -44,7 +43,7 @@ def main():
         corpus = Path(tmp) / "corpus"
         write_demo_corpus(corpus, num_conversations=args.conversations, broken=False)
         recordings = [load_audio(p) for p in discover(corpus / "audio")]
-        audio16 = [soxr.resample(a, SAMPLE_RATE, VAD_SAMPLE_RATE).astype(np.float32) for a in recordings]
+        audio16 = [to_model_rate(a) for a in recordings]
         seconds = sum(len(a) for a in recordings) / SAMPLE_RATE
         vad = SileroVAD()
         regions = [vad(a) for a in audio16]
@@ -72,7 +71,7 @@ def main():
 
         diarizer = EmbeddingDiarizer()
         clips = [
-            a[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)]
+            a[int(s * MODEL_SAMPLE_RATE) : int(e * MODEL_SAMPLE_RATE)]
             for a, r in zip(audio16, regions, strict=True)
             for s, e, _, _ in windows(r, diarizer.window, diarizer.step)
         ]

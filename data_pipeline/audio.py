@@ -22,6 +22,7 @@ from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
 SAMPLE_RATE = MIMI_SAMPLE_RATE
+MODEL_SAMPLE_RATE = 16_000  # what the speech models take: Silero VAD, Whisper, resemblyzer, pyannote, DNSMOS
 
 
 class AudioError(ValueError):
@@ -80,3 +81,8 @@ def load_audio(
     audio = audio * np.float32(10 ** ((target_lufs - loudness) / 20))
     peak = np.abs(audio).max()
     return audio / peak * 0.99 if peak > 0.99 else audio  # quiet files gain level, never clipping
+
+
+def to_model_rate(audio: np.ndarray) -> np.ndarray:
+    """24 kHz audio (the pipeline's, Mimi's) → 16 kHz float32 for the speech models."""
+    return soxr.resample(audio, SAMPLE_RATE, MODEL_SAMPLE_RATE).astype(np.float32)

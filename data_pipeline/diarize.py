@@ -18,8 +18,8 @@ import warnings
 
 import numpy as np
 
+from data_pipeline.audio import MODEL_SAMPLE_RATE
 from data_pipeline.turns import SpeakerSpan
-from data_pipeline.vad import VAD_SAMPLE_RATE
 
 
 def windows(regions: list[tuple[float, float]], window: float, step: float) -> list[tuple[float, float, float, float]]:
@@ -117,7 +117,7 @@ class EmbeddingDiarizer:
         if not tiles:
             return []
         embeddings = self.encoder.embed(
-            [audio[int(s * VAD_SAMPLE_RATE) : int(e * VAD_SAMPLE_RATE)] for s, e, _, _ in tiles]
+            [audio[int(s * MODEL_SAMPLE_RATE) : int(e * MODEL_SAMPLE_RATE)] for s, e, _, _ in tiles]
         )
         labels = cluster(embeddings, self.threshold, self.num_speakers)
         return spans_from_labels([(own_start, own_end) for _, _, own_start, own_end in tiles], labels)
@@ -165,7 +165,7 @@ class PyannoteDiarizer:
         import torch
 
         # In memory: pyannote's own decoder (torchcodec) is a CUDA build on PyPI.
-        waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": VAD_SAMPLE_RATE}
+        waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": MODEL_SAMPLE_RATE}
         output = self.pipeline(waveform, **{k: v for k, v in self.speakers.items() if v is not None})
         annotation = output.exclusive_speaker_diarization if self.exclusive else output.speaker_diarization
         return [

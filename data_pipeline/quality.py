@@ -71,10 +71,8 @@ class DNSMOS:
         self.score = score
 
     def __call__(self, audio: np.ndarray) -> float:
-        import soxr
         from speechmos import dnsmos
 
-        from data_pipeline.audio import SAMPLE_RATE
+        from data_pipeline.audio import MODEL_SAMPLE_RATE, to_model_rate
 
-        audio16 = np.clip(soxr.resample(audio, SAMPLE_RATE, 16000), -1.0, 1.0)
-        return float(dnsmos.run(audio16, 16000)[self.score])
+        return float(dnsmos.run(np.clip(to_model_rate(audio), -1.0, 1.0), MODEL_SAMPLE_RATE)[self.score])

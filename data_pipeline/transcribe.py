@@ -16,11 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import soxr
 
-from data_pipeline.audio import SAMPLE_RATE, AudioError
+from data_pipeline.audio import AudioError, to_model_rate
 from data_pipeline.turns import Word, assign_speakers
-from data_pipeline.vad import VAD_SAMPLE_RATE
 
 Labelled = list[tuple[Word, str]]
 
@@ -31,7 +29,7 @@ class Transcriber:
         self.seconds: Counter = Counter()  # wall time per stage, for the throughput summary
 
     def __call__(self, path: Path, audio: np.ndarray) -> Labelled:
-        audio16 = soxr.resample(audio, SAMPLE_RATE, VAD_SAMPLE_RATE).astype(np.float32)
+        audio16 = to_model_rate(audio)
         regions = self._timed("vad", self.vad, audio16)
         if not regions:
             raise AudioError(path, "no_speech", "the VAD found no speech")

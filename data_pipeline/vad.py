@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-VAD_SAMPLE_RATE = 16_000
+from data_pipeline.audio import MODEL_SAMPLE_RATE
 
 
 class SileroVAD:
@@ -39,12 +39,12 @@ class SileroVAD:
             torch.from_numpy(audio),
             self.model,
             threshold=self.threshold,
-            sampling_rate=VAD_SAMPLE_RATE,
+            sampling_rate=MODEL_SAMPLE_RATE,
             min_speech_duration_ms=int(self.min_speech * 1000),
             min_silence_duration_ms=int(self.min_silence * 1000),
             speech_pad_ms=int(self.pad * 1000),
         )
-        return [(r["start"] / VAD_SAMPLE_RATE, r["end"] / VAD_SAMPLE_RATE) for r in regions]
+        return [(r["start"] / MODEL_SAMPLE_RATE, r["end"] / MODEL_SAMPLE_RATE) for r in regions]
 
 
 def merge_regions(regions: list[tuple[float, float]], max_seconds: float = 30.0) -> list[tuple[float, float]]:

@@ -8,15 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import soxr
 
-SAMPLE_RATE = 24_000  # generated audio (Mimi's rate)
-MODEL_RATE = 16_000  # what Whisper, resemblyzer and DNSMOS take
-
-
-def to_16k(audio: np.ndarray) -> np.ndarray:
-    return soxr.resample(audio, SAMPLE_RATE, MODEL_RATE).astype(np.float32)
-
+from data_pipeline.audio import to_model_rate
 
 _normalizer = None
 
@@ -77,7 +70,7 @@ class WhisperJudge:
         self.model = WhisperModel(resolve_whisper_model(model), device=device_name(device), compute_type="auto")
 
     def transcribe(self, audio: np.ndarray) -> str:
-        segments, _ = self.model.transcribe(to_16k(audio), language=self.language, beam_size=self.beam_size)
+        segments, _ = self.model.transcribe(to_model_rate(audio), language=self.language, beam_size=self.beam_size)
         return " ".join(s.text.strip() for s in segments)
 
 
@@ -90,6 +83,6 @@ class SpeakerSimilarity:
         self.encoder = DVectorEncoder(device)
 
     def __call__(self, references: list[np.ndarray], generated: list[np.ndarray]) -> np.ndarray:
-        vectors = self.encoder.embed([to_16k(a) for a in [*references, *generated]])
+        vectors = self.encoder.embed([to_model_rate(a) for a in [*references, *generated]])
         n = len(references)
         return (vectors[:n] * vectors[n:]).sum(axis=1)

@@ -173,8 +173,7 @@ def make_punkt(nltk_data: Path) -> None:
 @pytest.fixture(scope="module")
 def dialogue():
     """(16 kHz float32 audio, [(start, end) of each turn]): LINES spoken by two espeak-ng voices in turn."""
-    import soxr
-
+    from data_pipeline.audio import to_model_rate
     from data_pipeline.demo_corpus import speak
 
     pause = np.zeros(int(PAUSE * 24_000), dtype=np.float32)
@@ -184,7 +183,7 @@ def dialogue():
         clips += [clip, pause]
         turns.append((t, t + len(clip) / 24_000))
         t += (len(clip) + len(pause)) / 24_000
-    return soxr.resample(np.concatenate(clips), 24_000, 16_000).astype(np.float32), turns
+    return to_model_rate(np.concatenate(clips)), turns
 
 
 # --- the backends ------------------------------------------------------------------------------------------------
