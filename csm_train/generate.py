@@ -14,8 +14,10 @@ masked.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from csm_train.layout import Segment, conversation_frames
@@ -48,17 +50,23 @@ def prompt_frames(
     return frames.tokens, frames.tokens_mask
 
 
-@torch.inference_mode()
-def generate(
+@dataclass
+class Step:
+    frame: torch.Tensor  # [B, K] this step's codes (all zero: that prompt's audio has ended)
+    c0_logits: torch.Tensor  # [B, audio_vocab]
+    decoder_logits: torch.Tensor  # [B, K-1, audio_vocab]
+
+
+def generate_steps(
     model: CSM,
     prompts: list[tuple[torch.Tensor, torch.Tensor]],
     max_frames: int = 250,
     temperature: float = 0.9,
     topk: int = 50,
     seed: int | None = None,
-) -> Generated:
-    """Generate audio codes for each prompt (`(tokens, tokens_mask)`, each `[T, K+1]`, from `prompt_frames`).
-    `max_frames` bounds each answer (250 frames = 20 s). Same seed, same codes."""
+) -> Iterator[Step]:
+    """The frame loop, one `Step` per generated frame, until every prompt has ended or `max_frames`.
+    Prompts are `(tokens, tokens_mask)`, each `[T, K+1]`, from `prompt_frames`. Same seed, same codes."""
     K, device = model.config.num_codebooks, model.codebook0_head.weight.device
     lengths = [len(tokens) for tokens, _ in prompts]
     B, T = len(prompts), max(lengths)
@@ -77,39 +85,77 @@ def generate(
         keys[row, ..., T - len(t) : T] = True
     keys[..., T:] = True  # generated frames
 
+    # Pad queries may see every key before them: a fully masked row would make NaNs that reach real rows
+    # through the cached values (0 attention weight times NaN is NaN). Real queries never see pad keys.
+    pad_queries = torch.arange(T, device=device) < T - torch.tensor(lengths, device=device)[:, None]
+    mask = keys | pad_queries[:, None, :, None]
+    positions = torch.arange(T, device=device).expand(B, T)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     model.setup_caches(B)
     try:
-        positions = torch.arange(T, device=device).expand(B, T)
-        frames, c0_steps, decoder_steps = [], [], []
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        # Pad queries may see every key before them: a fully masked row would make NaNs that reach real rows
-        # through the cached values (0 attention weight times NaN is NaN). Real queries never see pad keys.
-        mask = (
-            keys
-            | (torch.arange(T, device=device) < T - torch.tensor(lengths, device=device)[:, None])[:, None, :, None]
-        )
         for _ in range(max_frames):
-            h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
-            frame, c0_logits, decoder_logits = _decode_frame(model, h, temperature, topk, generator)
-            frames.append(frame)
-            c0_steps.append(c0_logits)
-            decoder_steps.append(decoder_logits)
+            with torch.inference_mode():
+                h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
+                frame, c0_logits, decoder_logits = _decode_frame(model, h, temperature, topk, generator)
+            yield Step(frame, c0_logits, decoder_logits)
             done |= (frame == 0).all(dim=-1)
             if done.all():
-                break
+                return
             tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=-1)[:, None]
             tokens_mask = torch.ones_like(tokens, dtype=torch.bool)
             tokens_mask[..., K] = False
             positions, mask = positions[:, -1:] + 1, keys
-    finally:
+    finally:  # also when the caller stops early (closing the generator)
         model.remove_caches()
-    stacked = torch.stack(frames, dim=1)  # [B, steps, K]
+
+
+def generate(
+    model: CSM,
+    prompts: list[tuple[torch.Tensor, torch.Tensor]],
+    max_frames: int = 250,
+    temperature: float = 0.9,
+    topk: int = 50,
+    seed: int | None = None,
+) -> Generated:
+    """Generate audio codes for each prompt; `max_frames` bounds each answer (250 frames = 20 s)."""
+    steps = list(generate_steps(model, prompts, max_frames, temperature, topk, seed))
+    stacked = torch.stack([s.frame for s in steps], dim=1)  # [B, steps, K]
     codes = []
-    for row in range(B):
+    for row in range(len(prompts)):
         end = (stacked[row] == 0).all(dim=-1).nonzero()
         n = int(end[0]) if len(end) else stacked.shape[1]
         codes.append(stacked[row, :n].T.cpu())
-    return Generated(codes, torch.stack(c0_steps, dim=1), torch.stack(decoder_steps, dim=1))
+    return Generated(
+        codes,
+        torch.stack([s.c0_logits for s in steps], dim=1),
+        torch.stack([s.decoder_logits for s in steps], dim=1),
+    )
+
+
+def stream(
+    model: CSM,
+    prompt: tuple[torch.Tensor, torch.Tensor],
+    codec,
+    chunk_frames: int = 5,
+    max_frames: int = 250,
+    temperature: float = 0.9,
+    topk: int = 50,
+    seed: int | None = None,
+) -> Iterator[np.ndarray]:
+    """24 kHz audio of one prompt's answer in chunks of `chunk_frames` frames (80 ms each), decoded while
+    the next frames are generated: the first chunk is playable after `chunk_frames` steps rather than at the
+    end. `codec` is a `data_pipeline.codec.MimiCodec`; the chunks concatenate to `codec.decode` of all codes."""
+    decoder = codec.streaming_decoder()
+    pending = []
+    for step in generate_steps(model, [prompt], max_frames, temperature, topk, seed):
+        if (step.frame == 0).all():
+            break
+        pending.append(step.frame[0])
+        if len(pending) == chunk_frames:
+            yield decoder.decode(torch.stack(pending, dim=1).cpu())
+            pending = []
+    if pending:
+        yield decoder.decode(torch.stack(pending, dim=1).cpu())
 
 
 def _decode_frame(model: CSM, h: torch.Tensor, temperature: float, topk: int, generator):

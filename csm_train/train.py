@@ -103,7 +103,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
-            filename="{step:07d}",
+            filename="step-{step:07d}",  # no "=" in names: Hydra overrides (checkpoint=…) would need quotes
+            auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_steps,
             save_top_k=cfg.checkpoint.keep,
             monitor="step",
@@ -114,6 +115,11 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         Throughput(device_peak_flops(cfg.peak_flops)),
         *extra_callbacks,
     ]
+    if cfg.evaluate.every_n_steps:
+        from eval.callback import EvaluateEvery
+
+        settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
+        callbacks.append(EvaluateEvery(out_dir=run_dir / "eval", **settings))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=hydra.utils.instantiate(cfg.logger), default_root_dir=run_dir
     )

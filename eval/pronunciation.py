@@ -39,9 +39,21 @@ CONSISTENCY_WORDS: dict[str, dict[str, Phonemes]] = {
 }
 
 
+# espeak-ng writes an r-coloured vowel as one symbol ("t ɪɹ") but splits it before a vowel ("t ɪ ɹ ɪ n" for
+# "tear in"); the judge, trained on espeak transcriptions, may output either. Both sides are compared split.
+RHOTIC_VOWELS = ("ɪɹ", "ɛɹ", "ʊɹ", "ɑːɹ", "ɔːɹ", "oːɹ")
+
+
+def split_rhotic(phonemes) -> list[str]:
+    out = []
+    for p in phonemes:
+        out += [p[:-1], "ɹ"] if p in RHOTIC_VOWELS else [p]
+    return out
+
+
 def parse_phonemes(text: str) -> list[str]:
-    """The recognizer's output ("l ˈɛ d ...") → phonemes without stress marks."""
-    return [p for p in (token.strip("ˈˌ") for token in text.split()) if p]
+    """The recognizer's output ("l ˈɛ d ...") → phonemes without stress marks, r-coloured vowels split."""
+    return split_rhotic(p for p in (token.strip("ˈˌ") for token in text.split()) if p)
 
 
 def match_distance(target: Phonemes, phonemes: list[str]) -> int:
@@ -58,7 +70,7 @@ def match_distance(target: Phonemes, phonemes: list[str]) -> int:
 
 def judge(phonemes: list[str], variants: dict[str, Phonemes]) -> str | None:
     """The variant whose pronunciation the recognized `phonemes` contain most closely; None on a tie."""
-    distances = {name: match_distance(p, phonemes) for name, p in variants.items()}
+    distances = {name: match_distance(split_rhotic(p), split_rhotic(phonemes)) for name, p in variants.items()}
     best = min(distances.values())
     winners = [name for name, d in distances.items() if d == best]
     return winners[0] if len(winners) == 1 else None

@@ -5,6 +5,8 @@ weights."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,36 @@ def speech():
     from data_pipeline.demo_corpus import speak
 
     return speak("We should go to the new library downtown this weekend. I heard it is beautiful.", "en-us+m3", 155)
+
+
+DEMO_PIPELINE_ARGS = ["codec=mimi_random", "max_positions=512", "progress=false"]
+
+
+def pipeline_command(corpus, out) -> list[str]:
+    """`python -m data_pipeline` over a demo corpus, as the quickstart runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "data_pipeline",
+        f"input_dir={corpus / 'audio'}",
+        f"output_dir={out}",
+        *DEMO_PIPELINE_ARGS,
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """Four espeak-ng conversations with their truth (and the planted broken files)."""
+    from data_pipeline.demo_corpus import write_demo_corpus
+
+    path = tmp_path_factory.mktemp("demo_corpus")
+    write_demo_corpus(path, num_conversations=4, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_corpus, tmp_path_factory):
+    """The demo corpus through `python -m data_pipeline` (random-init Mimi, recorded in dataset.json)."""
+    out = tmp_path_factory.mktemp("demo_dataset")
+    subprocess.run(pipeline_command(demo_corpus, out), check=True, capture_output=True, text=True)
+    return out

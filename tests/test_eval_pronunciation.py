@@ -46,3 +46,10 @@ def test_consistency_is_judged_against_the_contexts_pronunciation():
     context_says, continuation = "eye", parse_phonemes("aɪ ð ɚ w eɪ")
     assert judge(continuation, variants) == context_says
     assert judge(parse_phonemes("iː ð ɚ w eɪ"), variants) != context_says
+
+
+def test_r_coloured_vowels_match_whether_written_as_one_symbol_or_split():
+    # espeak-ng (and so the judge) writes "tear" before a vowel as "t ɪ ɹ": still the crying tear, not a tie
+    assert judge(parse_phonemes("ə t ˈɪ ɹ ɪ n"), HOMOGRAPHS["tear"]) == "cry"
+    assert judge(parse_phonemes("ə t ˈɛ ɹ ɪ n"), HOMOGRAPHS["tear"]) == "rip"
+    assert judge(parse_phonemes("k ˈɑːɹ m əl"), CONSISTENCY_WORDS["caramel"]) == "two"

@@ -6,36 +6,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from conftest import pipeline_command
 
 from csm_train.data import FrameStream
 from csm_train.tokenizer import ByteTokenizer
-from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.score import diarization_error_rate, word_error_rate
 from data_pipeline.shards import read_samples
 
-ARGS = ["codec=mimi_random", "max_positions=512", "progress=false"]
 
-
-def pipeline_command(corpus, out):
-    return [sys.executable, "-m", "data_pipeline", f"input_dir={corpus / 'audio'}", f"output_dir={out}", *ARGS]
+@pytest.fixture(scope="module")
+def corpus(demo_corpus):
+    return demo_corpus
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo_corpus")
-    write_demo_corpus(path, num_conversations=4, seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_dataset")
-    subprocess.run(pipeline_command(corpus, out), check=True, capture_output=True, text=True)
-    return out
+def dataset(demo_dataset):
+    return demo_dataset
 
 
 def test_transcripts_and_speaker_turns_match_the_truth(corpus, dataset):

@@ -58,8 +58,8 @@ def test_tiny_quickstart_loss_falls(tmp_path, demo_data):
     assert float(last["perf/frames_per_s"]) > 0 and "train/grad_norm" in last and "lr-AdamW/backbone" in last
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "last.ckpt",
-        "step=0000030.ckpt",
-        "step=0000060.ckpt",
+        "step-0000030.ckpt",
+        "step-0000060.ckpt",
     ]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # nothing needs unpickling
     assert ckpt["global_step"] == 60 and ckpt["CSMDataModule"]["stream"]["slots"]
@@ -77,14 +77,14 @@ def test_sigkill_and_restart_resumes_exactly(tmp_path, demo_data):
     common = [f"data.path={demo_data}", "trainer.max_steps=16", "checkpoint.every_n_steps=4"]
     reference = run_cli(tmp_path / "ref", *common)
     killed = run_cli(tmp_path / "killed", *common)
-    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step=0000004.ckpt"
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000004.ckpt"
     deadline = time.time() + 300
     while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL and first_checkpoint.exists()
-    assert not (tmp_path / "killed" / "checkpoints" / "step=0000016.ckpt").exists()
+    assert not (tmp_path / "killed" / "checkpoints" / "step-0000016.ckpt").exists()
     restarted = run_cli(tmp_path / "killed", *common)
     out, _ = restarted.communicate(timeout=600)
     assert restarted.returncode == 0, out
