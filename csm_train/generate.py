@@ -24,6 +24,10 @@ from csm_train.layout import Segment, conversation_frames
 from csm_train.model import CSM
 from csm_train.tokenizer import TextTokenizer
 
+# Mimi's codebook size. The model's audio vocabulary has 3 more ids (reserved, as in Sesame's 2051), which no
+# codec can decode: sampling is restricted to real codes (a trained model gives them ~0 probability anyway).
+MIMI_CODES = 2048
+
 
 @dataclass
 class Generated:
@@ -163,14 +167,14 @@ def _decode_frame(model: CSM, h: torch.Tensor, temperature: float, topk: int, ge
     from the depth decoder, each fed back as its next input."""
     K = model.config.num_codebooks
     c0_logits = model.codebook0_head(h)
-    code = sample_topk(c0_logits, temperature, topk, generator)
+    code = sample_topk(c0_logits[:, :MIMI_CODES], temperature, topk, generator)
     codes, logits = [code], []
     x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
     positions = torch.arange(2, device=h.device).expand(len(h), 2)
     for i in range(1, K):
         y = model.decoder(x, input_pos=positions)[:, -1]
         logits.append(y @ model.audio_head[i - 1])
-        code = sample_topk(logits[-1], temperature, topk, generator)
+        code = sample_topk(logits[-1][:, :MIMI_CODES], temperature, topk, generator)
         codes.append(code)
         x = model.projection(model.embed_audio(i, code))[:, None]
         positions = positions[:, -1:] + 1

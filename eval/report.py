@@ -169,7 +169,7 @@ def _loss_curves(metrics_csv: Path, plots: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     colors = plt.cm.viridis(np.linspace(0, 1, len(columns)))
     for column, color in zip(columns, colors, strict=True):
         points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
@@ -177,7 +177,7 @@ def _loss_curves(metrics_csv: Path, plots: Path) -> Path | None:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, color=color, linewidth=1.5 if column.endswith("/00") else 0.8, label=column[-2:])
     ax.set(xlabel="step", ylabel="cross-entropy", title="loss per codebook (00 = semantic, bold)")
-    ax.legend(ncol=8, fontsize=6, title="codebook", title_fontsize=7)
+    ax.legend(ncol=2, fontsize=6, title="codebook", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, plots / "codebook_loss.png")
 
 

@@ -134,6 +134,7 @@ def _spread(rows: list[dict], limit: int) -> list[dict]:
 
 class Suite:
     name = "suite"
+    audio_dir = ""  # samples/<audio_dir>/ (default: the suite's name); wer, mos and sim share one generated set
 
     def __init__(self, keep_audio: int = 4):
         self.keep_audio = keep_audio  # samples whose audio the report links
@@ -142,13 +143,15 @@ class Suite:
         raise NotImplementedError
 
     def _audio(self, session: Session, index: int, sample_id: str, audio: np.ndarray) -> dict:
-        return {"audio": session.save_audio(self.name, sample_id, audio)} if index < self.keep_audio else {}
+        if index >= self.keep_audio:
+            return {}
+        return {"audio": session.save_audio(self.audio_dir or self.name, sample_id, audio)}
 
 
 class WERSuite(Suite):
     """Intelligibility: Whisper's transcript of each generated sentence against the sentence."""
 
-    name = "wer"
+    name, audio_dir = "wer", "sentences"
 
     def __init__(self, judge: str = "shipped:tiny.en", keep_audio: int = 4):
         super().__init__(keep_audio)
@@ -173,7 +176,7 @@ class WERSuite(Suite):
 class MOSSuite(Suite):
     """Quality: DNSMOS P.835 overall (1–5) of each generated sentence (speechmos ships its ONNX models)."""
 
-    name = "mos"
+    name, audio_dir = "mos", "sentences"
 
     def run(self, session: Session) -> SuiteResult:
         from data_pipeline.quality import DNSMOS
@@ -192,7 +195,7 @@ class MOSSuite(Suite):
 class SimilaritySuite(Suite):
     """Speaker similarity: cosine of speaker embeddings of the prompt turn and the generated answer."""
 
-    name = "sim"
+    name, audio_dir = "sim", "sentences"
 
     def run(self, session: Session) -> SuiteResult:
         from eval.metrics import SpeakerSimilarity

@@ -2,11 +2,12 @@
 frames; batching prompts of different lengths changes nothing; sampling is reproducible; too-long inputs
 fail clearly."""
 
+import numpy as np
 import pytest
 import torch
 
 from csm_train import CSM, CSMConfig
-from csm_train.generate import generate, prompt_frames, sample_topk
+from csm_train.generate import generate, prompt_frames, sample_topk, stream
 from csm_train.layout import Segment
 from csm_train.tokenizer import ByteTokenizer
 
@@ -88,3 +89,15 @@ def test_too_long_inputs_fail_clearly(model):
     limit = model.config.backbone.max_seq_len
     with pytest.raises(ValueError, match="Inputs too long"):
         generate(model, [prompt("x", context_frames=limit - 40)], max_frames=50)
+
+
+def test_streamed_audio_joins_to_the_decoded_answer(model):
+    from data_pipeline.codec import RANDOM_INIT, MimiCodec
+
+    codec = MimiCodec(RANDOM_INIT, device="cpu")
+    p = prompt("streaming, chunk by chunk")
+    chunks = list(stream(model, p, codec, chunk_frames=3, max_frames=8, temperature=0.9, seed=0))
+    codes = generate(model, [p], max_frames=8, temperature=0.9, seed=0).codes[0]
+    assert [len(c) for c in chunks] == [3 * 1920, 3 * 1920, 2 * 1920]  # random weights never end early
+    whole = codec.decode(codes)
+    assert abs(np.concatenate(chunks) - whole).max() < 1e-4
