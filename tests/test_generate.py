@@ -100,4 +100,5 @@ def test_streamed_audio_joins_to_the_decoded_answer(model):
     codes = generate(model, [p], max_frames=8, temperature=0.9, seed=0).codes[0]
     assert [len(c) for c in chunks] == [3 * 1920, 3 * 1920, 2 * 1920]  # random weights never end early
     whole = codec.decode(codes)
-    assert abs(np.concatenate(chunks) - whole).max() < 1e-4
+    # fp32 rounding of a random Mimi reaches ~1e-4 on peaks of ~30: compare relative to the peak
+    assert abs(np.concatenate(chunks) - whole).max() <= 1e-5 * abs(whole).max()
