@@ -59,10 +59,12 @@ class StreamState:
     slots: dict[int, SlotPosition] = field(default_factory=dict)
     num_slots: int | None = None
     last_worker: int | None = None
+    advanced: set[int] = field(default_factory=set)  # slots this process trained on since its start or load
 
     def update(self, batch: dict) -> None:
         position = SlotPosition(tuple(batch["position"]), tuple(tuple(p) for p in batch["consumed_after"]))
         self.slots[int(batch["slot"])] = position
+        self.advanced.add(int(batch["slot"]))
         self.num_slots, self.last_worker = int(batch["num_slots"]), int(batch["worker"])
 
     def state_dict(self) -> dict:
@@ -77,6 +79,7 @@ class StreamState:
             for k, (oldest, after) in state["slots"].items()
         }
         self.num_slots, self.last_worker = state["num_slots"], state["last_worker"]
+        self.advanced = set()
 
 
 def read_window(sample: dict) -> Window:

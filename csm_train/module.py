@@ -6,6 +6,9 @@ Lightning (strategies, precision, checkpoints, logging)."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,10 +231,21 @@ class CSMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the synthetic corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
-        if self.synthetic_corpus and not (Path(self.path) / "manifest.jsonl").exists():
+        path = Path(self.path)
+        if self.synthetic_corpus and not (path / "manifest.jsonl").exists():
             from data_pipeline.synthetic import write_synthetic_corpus
 
-            write_synthetic_corpus(self.path, num_codebooks=self.num_codebooks)
+            # The jobs of a sweep may all start here at once: each writes its own copy, the first rename wins.
+            staging = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
+            write_synthetic_corpus(staging, num_codebooks=self.num_codebooks)
+            try:
+                staging.rename(path)
+            except OSError:  # another job's copy is in place (the same corpus: same seed), or debris
+                shutil.rmtree(staging)
+                if not (path / "manifest.jsonl").exists():
+                    raise FileExistsError(
+                        f"{path} is not a dataset (no manifest.jsonl): remove it and run again"
+                    ) from None
 
     def train_dataloader(self) -> DataLoader:
         stream = FrameStream(
@@ -253,8 +267,12 @@ class CSMDataModule(L.LightningDataModule):
         state = self.stream_state.state_dict()
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, state)
-            state = {**state, "slots": {k: v for s in gathered for k, v in s["slots"].items()}}
+            dist.all_gather_object(gathered, (state, sorted(self.stream_state.advanced)))
+            # After a resume every rank holds every slot as restored; only the rank reading a slot knows where
+            # it is now. So: the restored positions first, then each rank's own slots over them.
+            slots = {k: v for s, _ in gathered for k, v in s["slots"].items()}
+            slots.update({str(k): s["slots"][str(k)] for s, advanced in gathered for k in advanced})
+            state = {**state, "slots": slots}
         return {"stream": state}
 
     def load_state_dict(self, state: dict) -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
 from csm_train.plan import format_plan, plan
+from csm_train.preemption import Preemption
 from data_pipeline.shards import MIMI_FRAME_RATE
 
 # Dense bf16 tensor-core peaks (datasheet, SXM): what MFU is measured against on these GPUs.
@@ -74,7 +75,7 @@ def print_plan(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if devices in ("auto", -1):
         devices = max(1, torch.cuda.device_count())
-    gpus = int(devices) * int(cfg.trainer.get("num_nodes", 1))
+    gpus = int(devices) * int(cfg.trainer.num_nodes)
     p = plan(
         config,
         gpus=gpus,
@@ -86,6 +87,16 @@ def print_plan(cfg: DictConfig) -> None:
     checkpointing = "on" if config.activation_checkpointing else "off"
     print(f"plan for experiment {cfg.experiment}: preset {cfg.model.preset}, activation checkpointing {checkpointing}")
     print(format_plan(p, gpus))
+
+
+def pin_sweep_point(cfg: DictConfig, point: str) -> None:
+    """Under `--multirun`, each sweep point gets its own run directory and W&B run, named by its overrides
+    (`run_dir/seed-1__model.optim.lr-0.001`): the same every time the point runs, so a requeued job resumes its
+    own run. `point` is Hydra's `job.override_dirname` (its keys and separators are set in conf/config.yaml)."""
+    if point:
+        run_dir = Path(cfg.run_dir) / point  # resolved before run_id changes: run_dir may interpolate it
+        cfg.run_id = f"{cfg.run_id}.{point}"
+        cfg.run_dir = str(run_dir)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | None:
@@ -100,7 +111,9 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
     )
+    preemption = Preemption(run_dir / "checkpoints")
     callbacks = [
+        preemption,
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step-{step:07d}",  # no "=" in names: Hydra overrides (checkpoint=…) would need quotes
@@ -129,6 +142,9 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory {run_dir}; " + (f"resuming from {resume}" if resume else "starting fresh"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if preemption.signal is not None:
+        # Not a finished run: a non-zero exit, and (under submitit) no result file, so the job counts as not done.
+        raise SystemExit(f"stopped by {preemption.signal.name} at step {trainer.global_step}; run again to resume")
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         losses = "  ".join(f"{k[6:]} {metrics[k]:.3f}" for k in ("train/c0_loss", "train/decoder_loss") if k in metrics)

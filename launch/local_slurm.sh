@@ -30,7 +30,8 @@
 # * Speed: SchedulerParameters=batch_sched_delay=0 (else ~3 s between back-to-back jobs) and sched_interval=1
 #   (a requeued job is otherwise started by the next full scheduling pass, up to 60 s later); a requeued job
 #   first waits AuthInfo's cred_expire + 1 s (default 120; 5 is the minimum, smaller values are ignored);
-#   KillWait=2. `sbatch --wait` polls with a 2 s+ interval: a job takes >= 2 s with it.
+#   KillWait=10 (SIGTERM to SIGKILL: a training job saves its checkpoint in between). `sbatch --wait` polls
+#   with a 2 s+ interval: a job takes >= 2 s with it.
 # * No accounting (slurmdbd): no sacct. Finished jobs stay visible to squeue/scontrol for MinJobAge (60 s),
 #   then vanish (submitit reads their state as UNKNOWN).
 # * slurmd and slurmctld log "can not load PMIx library" errors at start: harmless (MpiDefault=none).
@@ -148,7 +149,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 JobRequeue=1
-KillWait=2
+KillWait=10
 MinJobAge=60
 InactiveLimit=0
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN

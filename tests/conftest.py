@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +151,63 @@ def demo_dataset(demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_dataset")
     subprocess.run(pipeline_command(demo_corpus, out), check=True, capture_output=True, text=True)
     return out
+
+
+# A real SLURM cluster (launch/local_slurm.sh) for the launch tests.
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
+CANNOT_INSTALL = 3  # local_slurm.sh's exit code when SLURM is missing and this machine cannot install or run it
+
+
+def local_slurm(*args: str | Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LOCAL_SLURM), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+
+
+def slurm_client_env(cluster_env: dict) -> dict:
+    """This process's environment pointed at the cluster, without the SLURM_* of any job pytest itself runs in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, **cluster_env}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster for the session (launch/local_slurm.sh start; installs SLURM with apt when
+    it is missing). Returns the environment variables its clients need ({"SLURM_CONF": ...}); add them to a
+    subprocess's environment to run sbatch/srun/squeue/scontrol against it. Stopped at the end of the session.
+    Skipped where SLURM cannot be installed or run (no apt, no root or sudo), except in CI (env CI set)."""
+    cluster_dir = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ)
+    if len(os.sched_getaffinity(0)) < 2:  # the tests run two tasks; SLURM may promise more CPUs than there are
+        env["CSM_SLURM_CPUS"] = "2"
+    started = local_slurm("start", cluster_dir, env=env, timeout=600)
+    output = f"{started.stdout}{started.stderr}".strip()
+    if started.returncode == CANNOT_INSTALL and not os.environ.get("CI"):
+        pytest.skip(f"no local SLURM cluster on this machine: {output}")
+    assert started.returncode == 0, f"launch/local_slurm.sh start failed ({started.returncode}):\n{output}"
+    try:
+        yield {"SLURM_CONF": str(cluster_dir / "slurm.conf")}
+    finally:
+        local_slurm("stop", cluster_dir)
+
+
+def slurm(cluster_env: dict, *args: str | Path, timeout: float = 60) -> str:
+    """Run a SLURM client command against the cluster; its stdout."""
+    done = subprocess.run(
+        list(map(str, args)), capture_output=True, text=True, env=slurm_client_env(cluster_env), timeout=timeout
+    )
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed ({done.returncode}): {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def wait_for(what: str, condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.1)
+    return result
+
+
+def job_state(cluster_env: dict, job_id: str) -> str:
+    return slurm(cluster_env, "squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").strip()
