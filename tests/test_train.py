@@ -105,6 +105,22 @@ def test_sigkill_and_restart_resumes_exactly(tmp_path, demo_data):
 
 
 @pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_nonzero(tmp_path, demo_data):
+    """Without SLURM too (csm_train/preemption.py): the signal is taken at an optimizer step, last.ckpt holds
+    that step, and the exit status says the run did not finish."""
+    run = run_cli(tmp_path, f"data.path={demo_data}", "trainer.max_steps=1000", "checkpoint.every_n_steps=4")
+    first_checkpoint = tmp_path / "checkpoints" / "step-0000004.ckpt"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 1, out
+    step = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert step >= 4 and torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+
+
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, demo_data):
     """Real DDP: two processes over gloo; each rank reads its own shards; the replicas end identical."""
     probe = Path(__file__).with_name("ddp_probe.py")
