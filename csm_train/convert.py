@@ -209,6 +209,26 @@ def config_from_transformers(hf_config) -> CSMConfig:
     )
 
 
+def config_to_sesame(config: CSMConfig) -> dict:
+    """Sesame's config.json for `config`; only its flavors (llama-1B, llama-100M) can be written."""
+    names = {}
+    for part, transformer in (("backbone", config.backbone), ("decoder", config.decoder)):
+        flavor = next((n for n, f in SESAME_FLAVORS.items() if TransformerConfig(**f) == transformer), None)
+        if flavor is None:
+            raise ValueError(
+                f"the {part} ({transformer.num_layers} layers of width {transformer.dim}) is no Sesame flavor "
+                f"({sorted(SESAME_FLAVORS)}): Sesame's code cannot build this model; convert --to ours or transformers"
+            )
+        names[part] = flavor
+    return {
+        "backbone_flavor": names["backbone"],
+        "decoder_flavor": names["decoder"],
+        "text_vocab_size": config.text_vocab_size,
+        "audio_vocab_size": config.audio_vocab_size,
+        "audio_num_codebooks": config.num_codebooks,
+    }
+
+
 def config_from_sesame(sesame_config: dict) -> CSMConfig:
     flavors = (sesame_config["backbone_flavor"], sesame_config["decoder_flavor"])
     unknown = [f for f in flavors if f not in SESAME_FLAVORS]
@@ -282,11 +302,21 @@ def _find_weights(directory: Path) -> Path:
     )
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A Lightning `.ckpt` file, or a DeepSpeed ZeRO checkpoint directory (`latest` + per-rank states)."""
+    return (path.is_file() and path.suffix == ".ckpt") or (path.is_dir() and (path / "latest").exists())
+
+
 def load_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
-    """(config, state dict with our names) from any supported checkpoint."""
+    """(config, state dict with our names) from any supported checkpoint, training checkpoints (ZeRO ones
+    consolidated) included."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if is_training_checkpoint(path):
+        from csm_train.consolidate import load_training_checkpoint
+
+        return load_training_checkpoint(path)
     directory = path.parent if path.is_file() else path
     state_dict = _load_weights(path if path.is_file() else _find_weights(path))
     config_file = directory / "config.json"
@@ -309,9 +339,128 @@ def load_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor
     )
 
 
+def _weights(model: CSM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(model: CSM, directory: str | Path) -> None:
+    """Ours: `model.safetensors` (Sesame's names) + `config.json` with the whole `CSMConfig`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state_dict, directory / "model.safetensors")
+    save_file(_weights(model), directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps({"csm_train": model.config.to_dict()}, indent=2))
+
+
+def save_sesame(model: CSM, directory: str | Path, torch_file: bool = False) -> None:
+    """Sesame's: `model.safetensors` (or `ckpt.pt`, a plain state dict) + Sesame's `config.json`, as in the
+    sesame/csm-1b repository; its generator's `Model.from_pretrained` reads the directory."""
+    sesame_config = config_to_sesame(model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if torch_file:
+        torch.save(_weights(model), directory / "ckpt.pt")
+    else:
+        save_file(_weights(model), directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(sesame_config, indent=2))
+
+
+# transformers' CsmConfig keys that a converted model keeps from the transformers CSM it is modelled on.
+TRANSFORMERS_TOKEN_IDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "audio_token_id",
+    "audio_eos_token_id",
+    "codebook_pad_token_id",
+    "codebook_eos_token_id",
+)
+
+
+def save_transformers(model: CSM, directory: str | Path, codec, token_ids: dict | None = None) -> None:
+    """transformers': a `CsmForConditionalGeneration.save_pretrained` directory. That model carries its Mimi
+    codec, so one must be given (`codec`: a `MimiModel`); `token_ids` (bos, audio, … : TRANSFORMERS_TOKEN_IDS)
+    default to transformers' own, which are Llama-3.2's and need its text vocabulary."""
+    from transformers import CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    hf_config = config_to_transformers(model.config, codec_config=codec.config.to_dict(), **(token_ids or {}))
+    too_large = {
+        k: getattr(hf_config, k)
+        for k in ("bos_token_id", "pad_token_id", "audio_token_id", "audio_eos_token_id")
+        if isinstance(getattr(hf_config, k), int) and getattr(hf_config, k) >= model.config.text_vocab_size
+    }
+    if too_large:
+        raise ValueError(
+            f"token ids {too_large} are outside this model's text vocabulary ({model.config.text_vocab_size}): "
+            f"take them from the transformers CSM the model should work like (convert --like DIR)"
+        )
+    with no_init_weights():
+        hf = CsmForConditionalGeneration(hf_config)
+    weights = state_dict_to_transformers(_weights(model), model.config)
+    weights |= {f"codec_model.{k}": v for k, v in codec.state_dict().items()}
+    hf.load_state_dict(weights, strict=True)
+    hf.save_pretrained(directory)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def _like(directory: Path) -> tuple[object, dict]:
+    """The codec and special-token ids of a transformers CSM directory."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    hf_config = CsmConfig.from_pretrained(directory)
+    codec = CsmForConditionalGeneration.from_pretrained(directory).codec_model
+    return codec, {k: getattr(hf_config, k) for k in TRANSFORMERS_TOKEN_IDS}
+
+
+def convert(source: str | Path, out: str | Path, to: str, like=None, codec=None, torch_file=False) -> CSM:
+    """Any checkpoint (ours, Sesame's, transformers', a training `.ckpt` or ZeRO directory) → `to` format."""
+    config, state_dict = load_checkpoint(source)
+    model = CSM.from_state_dict(config, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    if to == "ours":
+        save_checkpoint(model, out)
+    elif to == "sesame":
+        save_sesame(model, out, torch_file=torch_file)
+    elif to == "transformers":
+        source = Path(source)
+        if (
+            like is None
+            and source.is_dir()
+            and json.loads((source / "config.json").read_text()).get("model_type") == "csm"
+        ):
+            like = source  # keep the codec and token ids a transformers source came with
+        if like is not None:
+            mimi, token_ids = _like(Path(like))
+        elif codec is not None:
+            from transformers import MimiModel
+
+            mimi, token_ids = MimiModel.from_pretrained(codec), None
+        else:
+            raise ValueError(
+                "a transformers CSM carries its Mimi codec: give --codec (kyutai/mimi or a local MimiModel "
+                "directory) or --like (a transformers CSM, e.g. sesame/csm-1b, whose codec and token ids to keep)"
+            )
+        save_transformers(model, out, mimi, token_ids)
+    else:
+        raise ValueError(f"--to {to!r}: use ours, sesame or transformers")
+    return model
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m csm_train.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint: a directory or file in any supported format")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--to", required=True, choices=["ours", "sesame", "transformers"])
+    parser.add_argument("--like", help="transformers: a transformers CSM directory whose codec and token ids to keep")
+    parser.add_argument("--codec", help="transformers: the Mimi codec to include (Hub id or directory)")
+    parser.add_argument("--torch-file", action="store_true", help="sesame: ckpt.pt instead of model.safetensors")
+    args = parser.parse_args()
+    model = convert(args.source, args.out, args.to, like=args.like, codec=args.codec, torch_file=args.torch_file)
+    print(f"{args.source} → {args.out} ({args.to}): {model.num_parameters():,} parameters")
+
+
+if __name__ == "__main__":
+    main()

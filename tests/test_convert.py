@@ -3,6 +3,8 @@ ways bit-exactly."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,10 +13,13 @@ from conftest import random_frames
 
 from csm_train import CSM, CSMConfig, Segment, collate, conversation_frames, csm_loss
 from csm_train.convert import (
+    SESAME_FLAVORS,
     _sesame_config_from_shapes,
     config_from_sesame,
     config_from_transformers,
+    config_to_sesame,
     config_to_transformers,
+    convert,
     state_dict_from_transformers,
     state_dict_to_transformers,
 )
@@ -214,6 +219,9 @@ def test_sesame_configs_map_to_the_1b_preset():
         "audio_num_codebooks": 32,
     }
     assert config_from_sesame(sesame_json) == CSMConfig.preset("1b")
+    assert config_to_sesame(CSMConfig.preset("1b")) == sesame_json
+    with pytest.raises(ValueError, match="no Sesame flavor.*--to ours or transformers"):
+        config_to_sesame(CSMConfig.preset("tiny"))
     with torch.device("meta"):
         shapes = CSM(CSMConfig.preset("1b")).state_dict()
     assert _sesame_config_from_shapes(shapes, "ckpt.pt") == CSMConfig.preset("1b")
@@ -241,3 +249,63 @@ def test_from_pretrained_errors_name_the_file_and_the_fix(hf_pair, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"truncated.*model\.safetensors"):
         CSM.from_pretrained(tmp_path / "truncated")
+
+
+@pytest.mark.slow
+def test_transformers_export_import_export_gives_the_same_logits_through_transformers(hf_pair, tiny_config, tmp_path):
+    """A random transformers CSM → ours (CLI) → transformers again, keeping its codec and token ids: the same
+    tensors, and the same logits through transformers itself."""
+    from transformers import CsmForConditionalGeneration
+
+    hf, _ = hf_pair
+    hf.save_pretrained(tmp_path / "hf")
+    cli = [sys.executable, "-m", "csm_train.convert", str(tmp_path / "hf"), str(tmp_path / "ours"), "--to", "ours"]
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    convert(tmp_path / "ours", tmp_path / "hf2", "transformers", like=tmp_path / "hf")
+
+    again = CsmForConditionalGeneration.from_pretrained(tmp_path / "hf2", attn_implementation="eager").eval()
+    assert again.config.audio_token_id == hf.config.audio_token_id
+    expected = hf.state_dict()
+    assert set(again.state_dict()) == set(expected)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    tokens, tokens_mask, labels = random_frames(tiny_config, batch=2, text_len=4, audio_len=6)
+    is_audio, K = tokens_mask[..., :1].float(), tiny_config.num_codebooks
+
+    def outputs(model):
+        embeds = model.embed_text_tokens(tokens[..., K]) * (1 - is_audio)
+        embeds = embeds + model.backbone_model.embed_tokens(tokens[..., :K]) * is_audio
+        with torch.no_grad():
+            out = model(inputs_embeds=embeds, labels=labels)
+        return out.logits, out.depth_decoder_logits, out.loss
+
+    for a, b in zip(outputs(again), outputs(hf), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_transformers_export_needs_a_codec(hf_pair, tmp_path):
+    _, ours = hf_pair
+    ours.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="--codec.*--like"):
+        convert(tmp_path / "ours", tmp_path / "hf", "transformers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_file", [False, True])
+def test_sesame_round_trip_is_bit_exact(tmp_path, torch_file):
+    """On Sesame's smallest flavors (its code builds only llama-1B and llama-100M): ours → Sesame's → ours."""
+    config = CSMConfig(backbone=dict(SESAME_FLAVORS["llama-100M"]), decoder=dict(SESAME_FLAVORS["llama-100M"]))
+    config = dataclasses.replace(config, text_vocab_size=512)
+    torch.manual_seed(0)
+    model = CSM(config)
+    model.save_pretrained(tmp_path / "ours")
+    convert(tmp_path / "ours", tmp_path / "sesame", "sesame", torch_file=torch_file)
+    files = sorted(p.name for p in (tmp_path / "sesame").iterdir())
+    assert files == sorted(["config.json", "ckpt.pt" if torch_file else "model.safetensors"])
+    assert json.loads((tmp_path / "sesame" / "config.json").read_text())["backbone_flavor"] == "llama-100M"
+    convert(tmp_path / "sesame", tmp_path / "back", "ours")
+    back = CSM.from_pretrained(tmp_path / "back")
+    assert back.config == config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
