@@ -36,7 +36,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from csm_train.layout import Frames, Segment, collate, concat_frames, segment_frames
 from csm_train.tokenizer import TextTokenizer
-from data_pipeline.shards import Window, check_window, read_manifest
+from data_pipeline.shards import Window, check_window, read_manifest, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,16 @@ def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, 
         parts.append(part)
         total += len(part)
     return concat_frames(parts), False
+
+
+def positions_per_epoch(path: str | Path, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int) -> int:
+    """Training positions (frames) in one pass over a dataset: what `epochs=` is turned into steps with. It reads
+    every sample, so it is meant for fine-tuning sets (minutes to hours), not pre-training corpora."""
+    total = 0
+    for key, raw in read_samples(path):
+        window = read_window({"__key__": key, **raw})
+        total += len(window_frames(window, tokenizer, num_codebooks, max_frames)[0])
+    return total
 
 
 class RowPacker:

@@ -36,12 +36,16 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     warmup_steps: int = 100
+    warmup_fraction: float = 0.0  # or a share of max_steps, whichever is longer (runs whose length follows the data)
     max_steps: int = 10_000
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     # Learning-rate multiplier per parameter group (the fine-tuning recipes use e.g. backbone 0.1).
     lr_multipliers: dict[str, float] = field(
         default_factory=lambda: {"backbone": 1.0, "decoder": 1.0, "embeddings": 1.0, "heads": 1.0}
     )
+
+
+PARAMETER_GROUPS = ("backbone", "decoder", "embeddings", "heads")
 
 
 def parameter_group(name: str) -> str:
@@ -53,6 +57,35 @@ def parameter_group(name: str) -> str:
     if name.startswith(("text_embeddings.", "audio_embeddings.")):
         return "embeddings"
     return "heads"  # codebook0_head, audio_head
+
+
+def load_initial_weights(model: CSM, path: str) -> None:
+    """`model.init_from`: every tensor of the model from the checkpoint, with its shape, or an error that lists
+    what does not match and says why."""
+    from csm_train.convert import load_checkpoint
+
+    config, weights = load_checkpoint(path)
+    own = model.state_dict()
+    problems = [f"{k}: missing" for k in sorted(set(own) - set(weights))]
+    problems += [f"{k}: not in this model" for k in sorted(set(weights) - set(own))]
+    problems += [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        why = []
+        if config.text_vocab_size != model.config.text_vocab_size:
+            why.append(
+                f"the text vocabularies differ ({config.text_vocab_size} in the checkpoint, "
+                f"{model.config.text_vocab_size} from this run's tokenizer): use the checkpoint's tokenizer "
+                f"(data.tokenizer=…; Llama-3.2's for sesame/csm-1b)"
+            )
+        if (config.backbone, config.decoder) != (model.config.backbone, model.config.decoder):
+            why.append("the architectures differ: pick the checkpoint's preset (model=…)")
+        listed = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"model.init_from={path} does not fit this model ({listed}). " + ". ".join(why))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -115,7 +148,11 @@ class CSMModule(L.LightningModule):
         seed: int = 0,
         max_bad_steps: int = 5,
         peak_flops: float | None = None,
+        init_from: str | None = None,
+        freeze: list[str] = (),
     ):
+        """`init_from`: start from these weights (any format `csm_train.convert` reads); `freeze`: parameter
+        groups (backbone, decoder, embeddings, heads: `parameter_group`) that keep their weights."""
         super().__init__()
         self.loss_weights = LossWeights(**loss) if isinstance(loss, dict) else (loss or LossWeights())
         self.optim = OptimConfig(**optim) if isinstance(optim, dict) else (optim or OptimConfig())
@@ -124,6 +161,13 @@ class CSMModule(L.LightningModule):
             overrides["text_vocab_size"] = text_vocab_size
         self.config = CSMConfig.preset(preset, **overrides)
         self.model = CSM(self.config)
+        if init_from:
+            load_initial_weights(self.model, init_from)
+        unknown = set(freeze) - set(PARAMETER_GROUPS)
+        if unknown:
+            raise ValueError(f"model.freeze={list(freeze)}: unknown group(s) {sorted(unknown)}; use {PARAMETER_GROUPS}")
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(parameter_group(name) not in freeze)  # no gradient, no optimizer state
         self.seed, self.max_bad_steps, self.peak_flops = seed, max_bad_steps, peak_flops
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
@@ -189,13 +233,14 @@ class CSMModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.optim
+        warmup = max(optim.warmup_steps, round(optim.warmup_fraction * optim.max_steps))
         # fused: one kernel updates all parameters (CPU and CUDA) instead of a chain of foreach ops.
         optimizer = torch.optim.AdamW(
             param_groups(self.model, optim), lr=optim.lr, betas=tuple(optim.betas), fused=True
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: cosine_with_warmup(step, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio),
+            lambda step: cosine_with_warmup(step, warmup, optim.max_steps, optim.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

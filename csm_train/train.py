@@ -3,6 +3,7 @@ directory already holds a checkpoint, and fit."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from csm_train.data import positions_per_epoch
 from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
 from csm_train.plan import format_plan, plan
@@ -89,6 +91,23 @@ def print_plan(cfg: DictConfig) -> None:
     print(format_plan(p, gpus))
 
 
+def steps_for_epochs(cfg: DictConfig, tokenizer) -> int:
+    """`epochs=N` (the fine-tuning recipes): N passes over the dataset as optimizer steps, which the schedule
+    needs up front. Rows are packed, so a pass takes about positions / (rows × length) batches."""
+    path = Path(cfg.data.path)
+    if not (path / "manifest.jsonl").exists():
+        raise FileNotFoundError(
+            f"epochs={cfg.epochs} counts the dataset at data.path={path}, which has no manifest.jsonl"
+        )
+    num_codebooks = CSMConfig.preset(cfg.model.preset).num_codebooks
+    positions = positions_per_epoch(path, tokenizer, num_codebooks, cfg.data.max_seq_len)
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else max(1, torch.cuda.device_count())
+    per_step = cfg.data.batch_size * cfg.data.max_seq_len * devices * cfg.trainer.num_nodes
+    steps = max(1, math.ceil(cfg.epochs * positions / (per_step * cfg.trainer.accumulate_grad_batches)))
+    print(f"epochs={cfg.epochs}: {positions:,} positions per pass, {per_step:,} per batch → {steps} steps")
+    return steps
+
+
 def pin_sweep_point(cfg: DictConfig, point: str) -> None:
     """Under `--multirun`, each sweep point gets its own run directory and W&B run, named by its overrides
     (`run_dir/seed-1__model.optim.lr-0.001`): the same every time the point runs, so a requeued job resumes its
@@ -107,6 +126,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         print_plan(cfg)
         return None
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
+    if cfg.epochs:
+        cfg.trainer.max_steps = steps_for_epochs(cfg, tokenizer)
     module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks

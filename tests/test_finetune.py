@@ -1,0 +1,103 @@
+"""Fine-tuning: the recipes (conf/experiment/finetune_*.yaml) compose, start from other weights strictly, keep
+frozen groups bit-identical without optimizer state, and turn epochs into steps."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from csm_train import CSM, CSMConfig
+from csm_train.data import positions_per_epoch
+from csm_train.module import CSMModule, parameter_group
+from csm_train.tokenizer import ByteTokenizer
+from csm_train.train import steps_for_epochs, train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+RECIPES = ["finetune_voice", "finetune_style", "finetune_domain", "finetune_conversational"]
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A tiny CSM with the byte tokenizer's vocabulary, saved in our format: what a recipe starts from."""
+    torch.manual_seed(1)
+    model = CSM(CSMConfig.preset("tiny", text_vocab_size=ByteTokenizer.vocab_size))
+    path = tmp_path_factory.mktemp("start")
+    model.save_pretrained(path)
+    return path, model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tmp_path_factory.mktemp("finetune") / "synthetic"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_compose_with_the_practice_settings(recipe):
+    cfg = config(f"+experiment={recipe}", "model.init_from=/models/csm-1b", "data.path=/data/x")
+    assert cfg.model.preset == "1b" and cfg.data.tokenizer.name_or_path == "meta-llama/Llama-3.2-1B"
+    assert cfg.model.optim.weight_decay == 0.01 and cfg.model.optim.warmup_fraction == 0.1
+    assert dict(cfg.model.optim.lr_multipliers) == {"backbone": 0.1, "decoder": 1.0, "embeddings": 0.5, "heads": 1.0}
+    settings = {
+        "finetune_voice": (2e-5, 20.0, ["backbone", "embeddings"]),
+        "finetune_style": (1e-5, 50.0, ["embeddings"]),
+        "finetune_domain": (5e-6, 150.0, ["decoder"]),
+        "finetune_conversational": (2e-5, 1.0, []),
+    }[recipe]
+    assert (cfg.model.optim.lr, cfg.model.loss.w_semantic, list(cfg.model.freeze)) == settings
+
+
+@pytest.mark.slow
+def test_frozen_groups_stay_bit_identical_and_hold_no_optimizer_state(start, data, tmp_path):
+    path, initial = start
+    cfg = config(
+        "+experiment=finetune_voice",
+        "model=tiny",
+        "data=synthetic",
+        "trainer=cpu",
+        f"model.init_from={path}",
+        f"data.path={data}",
+        f"run_dir={tmp_path}",
+        "epochs=null",
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=4",
+    )
+    train(cfg)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    frozen = [k for k in initial if parameter_group(k) in ("backbone", "embeddings")]
+    trained = [k for k in initial if k not in frozen]
+    assert frozen and all(torch.equal(weights[k], initial[k]) for k in frozen)
+    assert all(not torch.equal(weights[k], initial[k]) for k in trained if k.endswith("weight"))
+    (optimizer,) = state["optimizer_states"]
+    assert len(optimizer["state"]) == len(trained)  # Adam moments only for what trains
+    lrs = {g["name"]: g["initial_lr"] for g in optimizer["param_groups"]}
+    assert {name.removesuffix("_no_decay") for name in lrs} == {"decoder", "heads"}
+    assert lrs["decoder"] == pytest.approx(2e-5) and lrs["heads"] == pytest.approx(2e-5)
+
+
+def test_init_from_another_vocabulary_says_what_differs_and_why(start, tmp_path):
+    torch.manual_seed(0)
+    CSM(CSMConfig.preset("tiny")).save_pretrained(tmp_path / "llama_vocab")  # 4096 text tokens
+    with pytest.raises(ValueError, match=r"text_embeddings.weight: \(4096, 128\).*\(258, 128\).*tokenizer"):
+        CSMModule("tiny", text_vocab_size=ByteTokenizer.vocab_size, init_from=str(tmp_path / "llama_vocab"))
+    with pytest.raises(ValueError, match="unknown group.*backbone"):
+        CSMModule("tiny", text_vocab_size=ByteTokenizer.vocab_size, freeze=["encoder"])
+    module = CSMModule("tiny", text_vocab_size=ByteTokenizer.vocab_size, init_from=str(start[0]))
+    assert all(torch.equal(module.model.state_dict()[k], v) for k, v in start[1].items())
+
+
+def test_epochs_become_steps_from_the_dataset(data):
+    from data_pipeline.synthetic import write_synthetic_corpus
+
+    if not (data / "manifest.jsonl").exists():
+        write_synthetic_corpus(data, num_codebooks=32)
+    cfg = config("+experiment=tiny", f"data.path={data}", "epochs=3", "data.batch_size=2", "data.max_seq_len=256")
+    positions = positions_per_epoch(data, ByteTokenizer(), 32, 256)
+    assert positions > 0
+    assert steps_for_epochs(cfg, ByteTokenizer()) == -(-3 * positions // (2 * 256))
