@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from csm_train.lora import LoraConfig, merge_lora_weights
 from csm_train.model import CSM, CSMConfig
 
 # Lightning's DeepSpeed strategy wraps the LightningModule (`_forward_module.`), which holds the CSM as `model.`.
@@ -49,8 +50,10 @@ def load_training_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, tor
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if "csm_config" not in state:
         raise ValueError(f"{path}: no 'csm_config' in the checkpoint; was it written by csm_train's trainer?")
-    config = CSMConfig(**state["csm_config"])
-    return config, _strip_prefixes(dict(weights))
+    config, weights = CSMConfig(**state["csm_config"]), _strip_prefixes(dict(weights))
+    if "lora" in state:
+        weights = merge_lora_weights(weights, LoraConfig(**state["lora"]))
+    return config, weights
 
 
 def consolidate(checkpoint: str | Path, out_dir: str | Path) -> CSM:

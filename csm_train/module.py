@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from csm_train.data import FrameStream, StreamState, attention_mask
+from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
 from csm_train.model import CSM, CSMConfig
 from csm_train.tokenizer import TextTokenizer
@@ -150,9 +151,11 @@ class CSMModule(L.LightningModule):
         peak_flops: float | None = None,
         init_from: str | None = None,
         freeze: list[str] = (),
+        lora: LoraConfig | dict | None = None,
     ):
         """`init_from`: start from these weights (any format `csm_train.convert` reads); `freeze`: parameter
-        groups (backbone, decoder, embeddings, heads: `parameter_group`) that keep their weights."""
+        groups (backbone, decoder, embeddings, heads: `parameter_group`) that keep their weights; `lora`: train
+        adapters only (csm_train/lora.py)."""
         super().__init__()
         self.loss_weights = LossWeights(**loss) if isinstance(loss, dict) else (loss or LossWeights())
         self.optim = OptimConfig(**optim) if isinstance(optim, dict) else (optim or OptimConfig())
@@ -168,6 +171,9 @@ class CSMModule(L.LightningModule):
             raise ValueError(f"model.freeze={list(freeze)}: unknown group(s) {sorted(unknown)}; use {PARAMETER_GROUPS}")
         for name, param in self.model.named_parameters():
             param.requires_grad_(parameter_group(name) not in freeze)  # no gradient, no optimizer state
+        self.lora = LoraConfig(**lora) if isinstance(lora, dict) else (lora or LoraConfig())
+        if self.lora.rank:
+            apply_lora(self.model, self.lora)
         self.seed, self.max_bad_steps, self.peak_flops = seed, max_bad_steps, peak_flops
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
@@ -246,6 +252,8 @@ class CSMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["csm_config"] = self.config.to_dict()
+        if self.lora.rank:
+            checkpoint["lora"] = self.lora.to_dict()  # exports merge the adapters (lora.merge_lora_weights)
         checkpoint["bad_steps_total"] = self.bad_steps_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -96,11 +96,9 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
 
 def load_model(path: Path) -> CSM:
     """Our model in fp32 from a training checkpoint (Lightning / DeepSpeed) or an exported one (any format)."""
-    from csm_train.consolidate import load_training_checkpoint
     from csm_train.convert import load_checkpoint
 
-    training = path.suffix == ".ckpt" or (path.is_dir() and (path / "latest").exists())
-    config, weights = (load_training_checkpoint if training else load_checkpoint)(path)
+    config, weights = load_checkpoint(path)
     return CSM.from_state_dict(config, {k: v.float() for k, v in weights.items()}).eval()
 
 

@@ -101,3 +101,51 @@ def test_epochs_become_steps_from_the_dataset(data):
     positions = positions_per_epoch(data, ByteTokenizer(), 32, 256)
     assert positions > 0
     assert steps_for_epochs(cfg, ByteTokenizer()) == -(-3 * positions // (2 * 256))
+
+
+def test_lora_trains_the_configured_adapters_only():
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "parts": ["backbone"]}
+    module = CSMModule("tiny", text_vocab_size=ByteTokenizer.vocab_size, lora=lora)
+    trainable = {n: p.numel() for n, p in module.model.named_parameters() if p.requires_grad}
+    adapted = [m for n, m in module.model.named_modules() if n.startswith("backbone.") and hasattr(m, "base_layer")]
+    assert len(adapted) == 2 * module.config.backbone.num_layers  # q_proj and v_proj of every backbone layer
+    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for m in adapted)
+    assert sum(trainable.values()) == expected and all(".lora_" in n for n in trainable)
+    with pytest.raises(ValueError, match="unknown.*'wq'"):
+        CSMModule("tiny", lora={"rank": 4, "targets": ["wq"]})
+
+
+@pytest.mark.slow
+def test_lora_merge_then_export_equals_the_adapted_model(start, data, tmp_path):
+    """A LoRA fine-tune of 4 steps; its checkpoint exported (adapters merged) gives the adapted model's logits."""
+    from conftest import random_frames
+
+    from csm_train.convert import convert
+
+    path, initial = start
+    cfg = config(
+        "+experiment=finetune_lora",
+        "model=tiny",
+        "data=synthetic",
+        "trainer=cpu",
+        f"model.init_from={path}",
+        f"data.path={data}",
+        f"run_dir={tmp_path / 'run'}",
+        "epochs=null",
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=4",
+        "model.optim.lr=1e-2",
+    )
+    adapted = train(cfg).lightning_module.model.eval()
+    convert(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "merged", "ours")
+    merged = CSM.from_pretrained(tmp_path / "merged").eval()
+    assert set(merged.state_dict()) == set(initial)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed and all(
+        k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3") for k in changed
+    )
+    tokens, tokens_mask, _ = random_frames(merged.config, batch=2, text_len=5, audio_len=7)
+    with torch.no_grad():
+        a, b = adapted(tokens, tokens_mask), merged(tokens, tokens_mask)
+    torch.testing.assert_close(a.c0_logits, b.c0_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=0)
