@@ -20,6 +20,7 @@ the uninterrupted stream's held, so nothing is repeated or lost and the rows com
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -131,14 +132,49 @@ def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, 
     return concat_frames(parts), False
 
 
-def positions_per_epoch(path: str | Path, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int) -> int:
-    """Training positions (frames) in one pass over a dataset: what `epochs=` is turned into steps with. It reads
-    every sample, so it is meant for fine-tuning sets (minutes to hours), not pre-training corpora."""
-    total = 0
-    for key, raw in read_samples(path):
-        window = read_window({"__key__": key, **raw})
-        total += len(window_frames(window, tokenizer, num_codebooks, max_frames)[0])
-    return total
+def held_out(key: str, fraction: float) -> bool:
+    """Whether a sample belongs to the validation split: a hash of its key, so the split is the same on every
+    rank, run and resume, and a sample never moves between the splits when others are added."""
+    return fraction > 0 and int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < fraction * 16**8
+
+
+def split_frames(
+    path: str | Path, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int, holdout: float, validation: bool
+) -> list[Frames]:
+    """Every sample of one split as frames (read whole: for fine-tuning sets, not pre-training corpora)."""
+    return [
+        window_frames(read_window({"__key__": key, **raw}), tokenizer, num_codebooks, max_frames)[0]
+        for key, raw in read_samples(path)
+        if held_out(key, holdout) == validation
+    ]
+
+
+def positions_per_epoch(
+    path: str | Path, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int, holdout: float = 0.0
+) -> int:
+    """Training positions (frames) in one pass over the training split: what `epochs=` is turned into steps with."""
+    return sum(map(len, split_frames(path, tokenizer, num_codebooks, max_frames, holdout, validation=False)))
+
+
+class HeldOutSet(torch.utils.data.Dataset):
+    """The validation split, one sample per row (no packing, no stream position: each validation reads it all)."""
+
+    def __init__(self, path, tokenizer: TextTokenizer, num_codebooks: int, max_seq_len: int, holdout: float):
+        self.max_seq_len = max_seq_len
+        self.samples = split_frames(path, tokenizer, num_codebooks, max_seq_len, holdout, validation=True)
+        if not self.samples:
+            raise ValueError(
+                f"data.holdout={holdout} keeps no sample of {path} for validation: raise it, or set 0 to not validate"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Frames:
+        return self.samples[index]
+
+    def collate(self, samples: list[Frames]) -> dict:
+        return _collate_rows([[frames] for frames in samples], self.max_seq_len)
 
 
 class RowPacker:
@@ -207,7 +243,9 @@ class FrameStream(IterableDataset):
         world_size: int = 1,
         state: StreamState | None = None,
         lookahead: int = 64,
+        holdout: float = 0.0,
     ):
+        """`holdout`: the share of samples kept out for validation (`held_out`); the stream never yields them."""
         self.dataset_dir = Path(dataset_dir)
         self.tokenizer = tokenizer
         self.num_codebooks = num_codebooks
@@ -217,6 +255,7 @@ class FrameStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.state = state or StreamState()
         self.lookahead = lookahead
+        self.holdout = holdout
         manifest = read_manifest(self.dataset_dir)
         self.shard_sizes = Counter(row["shard"] for row in manifest)
         self.shards = sorted(self.shard_sizes)
@@ -258,7 +297,7 @@ class FrameStream(IterableDataset):
                     index += self.shard_sizes[shard]
                     continue
                 for raw in iter_shard(self.dataset_dir / "shards" / shard):
-                    if index >= skip and (epoch, index) not in done:
+                    if index >= skip and (epoch, index) not in done and not held_out(raw["__key__"], self.holdout):
                         yield (epoch, index), self._window(raw)
                     index += 1
             epoch, skip = epoch + 1, 0

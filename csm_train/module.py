@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from csm_train.data import FrameStream, StreamState, attention_mask
+from csm_train.data import FrameStream, HeldOutSet, StreamState, attention_mask
 from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
 from csm_train.model import CSM, CSMConfig
@@ -207,6 +207,21 @@ class CSMModule(L.LightningModule):
         self._log_step(batch, out)
         return out.loss
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Every frame through the depth decoder: a held-out number must not depend on which 1/16 a seed picked.
+        out = csm_loss(
+            self.model,
+            batch["tokens"],
+            batch["tokens_mask"],
+            batch["labels"],
+            decoder_fraction=1.0,
+            w_semantic=self.loss_weights.w_semantic,
+            w_acoustic=self.loss_weights.w_acoustic,
+            input_pos=batch["input_pos"],
+        )
+        metrics = {"val/loss": out.loss, "val/c0_loss": out.c0_loss, "val/decoder_loss": out.decoder_loss}
+        self.log_dict(metrics, batch_size=len(batch["tokens"]), sync_dist=True)
+
     def _skip_bad_step(self, loss: torch.Tensor) -> None:
         """A NaN/Inf loss skips the step (Lightning skips backward and the optimizer on None)."""
         self.bad_steps_in_a_row += 1
@@ -274,12 +289,14 @@ class CSMDataModule(L.LightningDataModule):
         seed: int = 0,
         synthetic_corpus: bool = False,
         pack_lookahead: int = 64,
+        holdout: float = 0.0,
     ):
+        """`holdout`: the share of samples (by a hash of their key) kept out of training for validation."""
         super().__init__()
         self.path, self.tokenizer, self.synthetic_corpus = path, tokenizer, synthetic_corpus
         self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.pack_lookahead = pack_lookahead
+        self.pack_lookahead, self.holdout = pack_lookahead, holdout
         self.stream_state = StreamState()
 
     def prepare_data(self) -> None:
@@ -312,8 +329,15 @@ class CSMDataModule(L.LightningDataModule):
             world_size=self.trainer.world_size if self.trainer else 1,
             state=self.stream_state,
             lookahead=self.pack_lookahead,
+            holdout=self.holdout,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.holdout:
+            return []  # no validation
+        held = HeldOutSet(self.path, self.tokenizer, self.num_codebooks, self.max_seq_len, self.holdout)
+        return DataLoader(held, batch_size=self.batch_size, collate_fn=held.collate)
 
     def state_dict(self) -> dict:
         """Every rank's stream position (each rank only sees its own slots), merged on all ranks."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from csm_train.data import positions_per_epoch
@@ -100,7 +100,7 @@ def steps_for_epochs(cfg: DictConfig, tokenizer) -> int:
             f"epochs={cfg.epochs} counts the dataset at data.path={path}, which has no manifest.jsonl"
         )
     num_codebooks = CSMConfig.preset(cfg.model.preset).num_codebooks
-    positions = positions_per_epoch(path, tokenizer, num_codebooks, cfg.data.max_seq_len)
+    positions = positions_per_epoch(path, tokenizer, num_codebooks, cfg.data.max_seq_len, cfg.data.holdout)
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else max(1, torch.cuda.device_count())
     per_step = cfg.data.batch_size * cfg.data.max_seq_len * devices * cfg.trainer.num_nodes
     steps = max(1, math.ceil(cfg.epochs * positions / (per_step * cfg.trainer.accumulate_grad_batches)))
@@ -126,8 +126,14 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         print_plan(cfg)
         return None
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
+    steps_per_epoch = None
     if cfg.epochs:
         cfg.trainer.max_steps = steps_for_epochs(cfg, tokenizer)
+        steps_per_epoch = max(1, cfg.trainer.max_steps // cfg.epochs)
+    if cfg.data.holdout and cfg.trainer.val_check_interval is None:
+        # The stream never ends an epoch: validate every pass over the data (epochs=…), else at each checkpoint.
+        every = steps_per_epoch or cfg.checkpoint.every_n_steps
+        cfg.trainer.val_check_interval = every * cfg.trainer.accumulate_grad_batches
     module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
@@ -149,6 +155,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         Throughput(device_peak_flops(cfg.peak_flops)),
         *extra_callbacks,
     ]
+    if cfg.early_stopping.patience and cfg.data.holdout:
+        callbacks.append(EarlyStopping(check_on_train_epoch_end=False, **cfg.early_stopping))
     if cfg.evaluate.every_n_steps:
         from eval.callback import EvaluateEvery
 

@@ -1,6 +1,7 @@
 """Fine-tuning: the recipes (conf/experiment/finetune_*.yaml) compose, start from other weights strictly, keep
 frozen groups bit-identical without optimizer state, and turn epochs into steps."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,97 @@ def test_lora_merge_then_export_equals_the_adapted_model(start, data, tmp_path):
         a, b = adapted(tokens, tokens_mask), merged(tokens, tokens_mask)
     torch.testing.assert_close(a.c0_logits, b.c0_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def one_voice(tmp_path_factory):
+    """32 sentences in one espeak-ng voice, Mimi-coded (random-init Mimi), one turn per sample."""
+    from data_pipeline.codec import RANDOM_INIT, MimiCodec
+    from data_pipeline.demo_corpus import SENTENCES, VOICES, speak
+    from data_pipeline.shards import MIMI_FRAME_RATE, ShardWriter, Window, sample_key
+
+    path = tmp_path_factory.mktemp("one_voice")
+    texts = SENTENCES[:32]
+    codes = MimiCodec(RANDOM_INIT, device="cpu").encode([speak(text, VOICES[0], 155) for text in texts])
+    writer = ShardWriter(path, samples_per_shard=8)
+    for i, (text, c) in enumerate(zip(texts, codes, strict=True)):
+        n = c.shape[1]
+        segment = {
+            "speaker": 0,
+            "text": text,
+            "start": 0.0,
+            "end": n / MIMI_FRAME_RATE,
+            "frame_start": 0,
+            "frame_end": n,
+        }
+        writer.write(Window(sample_key(f"voice/line_{i:03d}", 0), c, [segment], {"duration": n / MIMI_FRAME_RATE}))
+    writer.close()
+    return path
+
+
+def held_out_loss(model: CSM, dataset, holdout: float) -> float:
+    from csm_train.data import HeldOutSet
+    from csm_train.loss import csm_loss
+
+    held = HeldOutSet(dataset, ByteTokenizer(), 32, 1024, holdout)
+    batch = held.collate(list(held))
+    with torch.no_grad():
+        out = csm_loss(model.eval(), batch["tokens"], batch["tokens_mask"], batch["labels"], decoder_fraction=1.0)
+    return float(out.loss)
+
+
+@pytest.fixture(scope="module")
+def adapted(one_voice, start, tmp_path_factory):
+    """finetune_voice on a tiny model and the one-voice lines (a quarter held out): (run directory, config, trainer)."""
+    path, _ = start
+    run_dir = tmp_path_factory.mktemp("adapted")
+    cfg = config(
+        "+experiment=finetune_voice",
+        "model=tiny",
+        "data=speech_demo",
+        "trainer=cpu",
+        f"model.init_from={path}",
+        f"data.path={one_voice}",
+        "data.holdout=0.25",
+        "data.batch_size=1",
+        f"run_dir={run_dir}",
+        "epochs=12",
+        "model.optim.lr=3e-3",
+        "evaluate.every_n_steps=0",
+    )
+    return run_dir, cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_voice_adaptation_lowers_held_out_loss_on_that_voice(adapted, one_voice, start):
+    """Epochs become steps, validation runs every epoch on the held-out lines, and the held-out loss in that voice
+    falls while the backbone stays as it was."""
+    (path, initial), (run_dir, cfg, trainer) = start, adapted
+    assert cfg.trainer.max_steps >= 12 and cfg.trainer.val_check_interval == cfg.trainer.max_steps // 12
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        val = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(val) >= 3 and min(val) < val[0]
+    before = held_out_loss(CSM.from_pretrained(path), one_voice, 0.25)
+    after = held_out_loss(trainer.lightning_module.model, one_voice, 0.25)
+    assert after < 0.9 * before, (before, after)
+    adapted = trainer.lightning_module.model.state_dict()
+    assert all(torch.equal(adapted[k], v) for k, v in initial.items() if k.startswith("backbone."))
+
+
+@pytest.mark.slow
+def test_say_speaks_a_line_from_the_adapted_run(adapted, one_voice, tmp_path):
+    """The third command of the README's fine-tuning flow: a run directory in, a 24 kHz sample out."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    run_dir = adapted[0]
+    out = tmp_path / "sample.wav"
+    command = [sys.executable, "-m", "eval.say", str(run_dir), "Hello there.", f"--out={out}", "--max-seconds=2"]
+    done = subprocess.run([*command, "--codec=random-init", "--device=cpu"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    audio, rate = sf.read(out)
+    assert rate == 24000 and 0 < len(audio) <= 2 * 24000 and f"{out}:" in done.stdout
+    bad = subprocess.run([*command, "--context=x.wav"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--context-text" in bad.stderr

@@ -1,0 +1,62 @@
+"""`python -m eval.say CHECKPOINT "text" --out sample.wav`: one line of speech from a checkpoint (a run directory
+means its newest checkpoint), optionally after a context clip of the voice and what it says.
+
+    python -m eval.say runs/finetune_voice/main "Thanks for calling, how can I help?" --out sample.wav
+    python -m eval.say /models/csm-1b "Hello." --context me.wav --context-text "This is how I sound." \\
+        --codec kyutai/mimi --tokenizer meta-llama/Llama-3.2-1B
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import hydra
+import soundfile as sf
+
+from data_pipeline.audio import SAMPLE_RATE, load_audio
+from eval.run import device_name
+from eval.speaker import Speaker, Turn, codec_from_weights_id, load_model, resolve_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.say", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="run directory, training checkpoint, or exported model (any format)")
+    parser.add_argument("text")
+    parser.add_argument("--out", default="sample.wav")
+    parser.add_argument("--speaker", type=int, default=0, help="speaker id (a one-voice dataset's voice is 0)")
+    parser.add_argument("--context", help="an audio clip of the voice, spoken before the text as its context")
+    parser.add_argument("--context-text", help="what the context clip says")
+    parser.add_argument("--codec", help="codec weights (default: the one the run's dataset was coded with)")
+    parser.add_argument("--tokenizer", help="Hugging Face tokenizer (default: the run's)")
+    parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if bool(args.context) != bool(args.context_text):
+        parser.error("--context and --context-text go together: the model reads the clip's words with its audio")
+
+    tokenizer = args.tokenizer and {"_target_": "csm_train.tokenizer.load_tokenizer", "name_or_path": args.tokenizer}
+    checkpoint = resolve_checkpoint(args.checkpoint, tokenizer, args.codec)
+    device = device_name(args.device)
+    speaker = Speaker(
+        load_model(checkpoint.path).to(device),
+        hydra.utils.instantiate(checkpoint.tokenizer),
+        codec_from_weights_id(checkpoint.codec, device),
+        max_seconds=args.max_seconds,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    turns = []
+    if args.context:
+        (codes,) = speaker.encode([load_audio(args.context, target_lufs=None)])
+        turns.append(Turn(args.speaker, args.context_text, codes))
+    (audio,) = speaker.say([[*turns, Turn(args.speaker, args.text)]])
+    sf.write(args.out, audio, SAMPLE_RATE)
+    print(f"{args.out}: {len(audio) / SAMPLE_RATE:.1f} s from {checkpoint.path}")
+
+
+if __name__ == "__main__":
+    main()
