@@ -302,6 +302,26 @@ def _find_weights(directory: Path) -> Path:
     )
 
 
+HUB_ID = re.compile(r"[\w-]+/[\w.-]+")  # e.g. sesame/csm-1b: a checkpoint path that is not a local file
+
+
+def _download(repo_id: str) -> Path:
+    """A Hub repository's config and weights (safetensors when it has them, else `ckpt.pt`), cached by the Hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "ckpt.pt"]))
+    except Exception as error:
+        raise FileNotFoundError(
+            f"checkpoint {repo_id} is no local path, and downloading it from the Hugging Face Hub failed "
+            f"({type(error).__name__}: {error}); for a gated repository like sesame/csm-1b accept its terms and "
+            f"`huggingface-cli login`, or download it and pass the directory"
+        ) from error
+    return path
+
+
 def is_training_checkpoint(path: Path) -> bool:
     """A Lightning `.ckpt` file, or a DeepSpeed ZeRO checkpoint directory (`latest` + per-rank states)."""
     return (path.is_file() and path.suffix == ".ckpt") or (path.is_dir() and (path / "latest").exists())
@@ -311,6 +331,8 @@ def load_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor
     """(config, state dict with our names) from any supported checkpoint, training checkpoints (ZeRO ones
     consolidated) included."""
     path = Path(path)
+    if not path.exists() and HUB_ID.fullmatch(str(path)):
+        path = _download(str(path))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if is_training_checkpoint(path):

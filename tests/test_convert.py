@@ -235,6 +235,8 @@ def test_from_pretrained_errors_name_the_file_and_the_fix(hf_pair, tmp_path):
     _, ours = hf_pair
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CSM.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no local path.*Hub.*login"):  # the tests run with HF_HUB_OFFLINE
+        CSM.from_pretrained("sesame/csm-1b")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         CSM.from_pretrained(tmp_path / "empty")

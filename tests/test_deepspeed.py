@@ -49,3 +49,6 @@ def test_zero_training_matches_single_process_and_consolidates(stage, dataset, t
     model = CSM.from_pretrained(tmp_path / "full")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, engine[f"model.{name}"]), name
+    # Any reader takes the ZeRO directory as it is (consolidated on the way): init_from, convert, eval.
+    direct = CSM.from_pretrained(tmp_path / "zero")
+    assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
