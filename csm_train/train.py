@@ -108,6 +108,18 @@ def steps_for_epochs(cfg: DictConfig, tokenizer) -> int:
     return steps
 
 
+def fit_schedule_to_data(cfg: DictConfig, tokenizer) -> None:
+    """`epochs=N` sets trainer.max_steps; with a validation split (data.holdout) and no val_check_interval, the
+    run validates after every pass over the data, else at every checkpoint (the stream never ends an epoch)."""
+    steps_per_epoch = None
+    if cfg.epochs:
+        cfg.trainer.max_steps = steps_for_epochs(cfg, tokenizer)
+        steps_per_epoch = max(1, cfg.trainer.max_steps // cfg.epochs)
+    if cfg.data.holdout and cfg.trainer.val_check_interval is None:
+        every = steps_per_epoch or cfg.checkpoint.every_n_steps
+        cfg.trainer.val_check_interval = every * cfg.trainer.accumulate_grad_batches
+
+
 def pin_sweep_point(cfg: DictConfig, point: str) -> None:
     """Under `--multirun`, each sweep point gets its own run directory and W&B run, named by its overrides
     (`run_dir/seed-1__model.optim.lr-0.001`): the same every time the point runs, so a requeued job resumes its
@@ -121,19 +133,12 @@ def pin_sweep_point(cfg: DictConfig, point: str) -> None:
 def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | None:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
-    # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
     if cfg.dry_run:
         print_plan(cfg)
         return None
+    # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
-    steps_per_epoch = None
-    if cfg.epochs:
-        cfg.trainer.max_steps = steps_for_epochs(cfg, tokenizer)
-        steps_per_epoch = max(1, cfg.trainer.max_steps // cfg.epochs)
-    if cfg.data.holdout and cfg.trainer.val_check_interval is None:
-        # The stream never ends an epoch: validate every pass over the data (epochs=…), else at each checkpoint.
-        every = steps_per_epoch or cfg.checkpoint.every_n_steps
-        cfg.trainer.val_check_interval = every * cfg.trainer.accumulate_grad_batches
+    fit_schedule_to_data(cfg, tokenizer)
     module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
@@ -155,8 +160,11 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         Throughput(device_peak_flops(cfg.peak_flops)),
         *extra_callbacks,
     ]
-    if cfg.early_stopping.patience and cfg.data.holdout:
-        callbacks.append(EarlyStopping(check_on_train_epoch_end=False, **cfg.early_stopping))
+    if cfg.data.holdout:  # the best validation so far, beside (not among) the checkpoints a resume reads
+        best = ModelCheckpoint(run_dir / "best", filename="best", monitor="val/loss", auto_insert_metric_name=False)
+        callbacks.append(best)
+        if cfg.early_stopping.patience:
+            callbacks.append(EarlyStopping(check_on_train_epoch_end=False, **cfg.early_stopping))
     if cfg.evaluate.every_n_steps:
         from eval.callback import EvaluateEvery
 

@@ -74,7 +74,7 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
         path = newest
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    run_dir = path.parent.parent if path.parent.name in ("checkpoints", "best") else None
     step = None
     if run_dir is not None and (run_dir / "config.yaml").exists():
         run_cfg = OmegaConf.load(run_dir / "config.yaml")

@@ -218,8 +218,10 @@ def test_voice_adaptation_lowers_held_out_loss_on_that_voice(adapted, one_voice,
     (path, initial), (run_dir, cfg, trainer) = start, adapted
     assert cfg.trainer.max_steps >= 12 and cfg.trainer.val_check_interval == cfg.trainer.max_steps // 12
     with open(run_dir / "logs" / "metrics.csv") as f:
-        val = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
-    assert len(val) >= 3 and min(val) < val[0]
+        val = {int(row["step"]): float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")}
+    assert len(val) >= 3 and min(val.values()) < next(iter(val.values()))
+    best_step = min(val, key=val.get)  # logged at the step it validated after: global_step - 1
+    assert torch.load(run_dir / "best" / "best.ckpt", weights_only=True)["global_step"] == best_step + 1
     before = held_out_loss(CSM.from_pretrained(path), one_voice, 0.25)
     after = held_out_loss(trainer.lightning_module.model, one_voice, 0.25)
     assert after < 0.9 * before, (before, after)
