@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.report import numbers, write_report
-from eval.speaker import Speaker, codec_from_weights_id, load_model, resolve_checkpoint
+from eval.speaker import Speaker, resolve_checkpoint
 from eval.suites import JudgeUnavailable, Session, Suite, SuiteResult
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,7 @@ def evaluate(cfg: DictConfig) -> Path:
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True) if cfg.tokenizer else None
     checkpoint = resolve_checkpoint(cfg.checkpoint, tokenizer_cfg, cfg.codec)
     device = device_name(cfg.device)
-    speaker = Speaker(
-        load_model(checkpoint.path).to(device),
-        hydra.utils.instantiate(checkpoint.tokenizer),
-        codec_from_weights_id(checkpoint.codec, device),
-        **OmegaConf.to_container(cfg.speaker, resolve=True),
-    )
+    speaker = Speaker.from_checkpoint(checkpoint, device, **OmegaConf.to_container(cfg.speaker, resolve=True))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(checkpoint)
     suites = {name: hydra.utils.instantiate(suite) for name, suite in cfg.suite.items()}
     log.info("evaluating %s (step %s) on %s → %s", checkpoint.path, checkpoint.step, ", ".join(suites), out_dir)

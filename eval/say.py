@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-import hydra
 import soundfile as sf
 
 from data_pipeline.audio import SAMPLE_RATE, load_audio
 from eval.run import device_name
-from eval.speaker import Speaker, Turn, codec_from_weights_id, load_model, resolve_checkpoint
+from eval.speaker import Speaker, Turn, resolve_checkpoint
 
 
 def main() -> None:
@@ -41,13 +40,8 @@ def main() -> None:
     tokenizer = args.tokenizer and {"_target_": "csm_train.tokenizer.load_tokenizer", "name_or_path": args.tokenizer}
     checkpoint = resolve_checkpoint(args.checkpoint, tokenizer, args.codec)
     device = device_name(args.device)
-    speaker = Speaker(
-        load_model(checkpoint.path).to(device),
-        hydra.utils.instantiate(checkpoint.tokenizer),
-        codec_from_weights_id(checkpoint.codec, device),
-        max_seconds=args.max_seconds,
-        temperature=args.temperature,
-        seed=args.seed,
+    speaker = Speaker.from_checkpoint(
+        checkpoint, device, max_seconds=args.max_seconds, temperature=args.temperature, seed=args.seed
     )
     turns = []
     if args.context:

@@ -123,6 +123,19 @@ class Speaker:
         self.max_seconds, self.seconds_per_char = max_seconds, seconds_per_char
         self.temperature, self.topk, self.seed, self.batch_size = temperature, topk, seed, batch_size
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, device: str, **settings) -> Speaker:
+        """The checkpoint's model, text tokenizer and codec, on `device`."""
+        import hydra
+
+        model = load_model(checkpoint.path).to(device)
+        return cls(
+            model,
+            hydra.utils.instantiate(checkpoint.tokenizer),
+            codec_from_weights_id(checkpoint.codec, device),
+            **settings,
+        )
+
     def budget(self, text: str) -> int:
         seconds = min(self.max_seconds, 1.0 + self.seconds_per_char * len(text))
         return math.ceil(seconds * MIMI_FRAME_RATE)

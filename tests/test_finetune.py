@@ -23,6 +23,30 @@ def config(*overrides):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def tiny_recipe(recipe: str, start: Path, run_dir: Path, *overrides: str):
+    """A fine-tuning recipe shrunk for CPU: the tiny preset on the byte tokenizer, starting from `start`."""
+    return config(
+        f"+experiment={recipe}",
+        "model=tiny",
+        "trainer=cpu",
+        f"model.init_from={start}",
+        f"run_dir={run_dir}",
+        "evaluate.every_n_steps=0",
+        *overrides,
+    )
+
+
+def steps(data: Path, n: int) -> list[str]:
+    """n steps on the synthetic corpus at `data`, one checkpoint at the end."""
+    return [
+        "data=synthetic",
+        f"data.path={data}",
+        "epochs=null",
+        f"trainer.max_steps={n}",
+        f"checkpoint.every_n_steps={n}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A tiny CSM with the byte tokenizer's vocabulary, saved in our format: what a recipe starts from."""
@@ -56,18 +80,7 @@ def test_recipes_compose_with_the_practice_settings(recipe):
 @pytest.mark.slow
 def test_frozen_groups_stay_bit_identical_and_hold_no_optimizer_state(start, data, tmp_path):
     path, initial = start
-    cfg = config(
-        "+experiment=finetune_voice",
-        "model=tiny",
-        "data=synthetic",
-        "trainer=cpu",
-        f"model.init_from={path}",
-        f"data.path={data}",
-        f"run_dir={tmp_path}",
-        "epochs=null",
-        "trainer.max_steps=4",
-        "checkpoint.every_n_steps=4",
-    )
+    cfg = tiny_recipe("finetune_voice", path, tmp_path, *steps(data, 4))
     train(cfg)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
@@ -124,19 +137,7 @@ def test_lora_merge_then_export_equals_the_adapted_model(start, data, tmp_path):
     from csm_train.convert import convert
 
     path, initial = start
-    cfg = config(
-        "+experiment=finetune_lora",
-        "model=tiny",
-        "data=synthetic",
-        "trainer=cpu",
-        f"model.init_from={path}",
-        f"data.path={data}",
-        f"run_dir={tmp_path / 'run'}",
-        "epochs=null",
-        "trainer.max_steps=4",
-        "checkpoint.every_n_steps=4",
-        "model.optim.lr=1e-2",
-    )
+    cfg = tiny_recipe("finetune_lora", path, tmp_path / "run", *steps(data, 4), "model.optim.lr=1e-2")
     adapted = train(cfg).lightning_module.model.eval()
     convert(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "merged", "ours")
     merged = CSM.from_pretrained(tmp_path / "merged").eval()
@@ -194,20 +195,8 @@ def adapted(one_voice, start, tmp_path_factory):
     """finetune_voice on a tiny model and the one-voice lines (a quarter held out): (run directory, config, trainer)."""
     path, _ = start
     run_dir = tmp_path_factory.mktemp("adapted")
-    cfg = config(
-        "+experiment=finetune_voice",
-        "model=tiny",
-        "data=speech_demo",
-        "trainer=cpu",
-        f"model.init_from={path}",
-        f"data.path={one_voice}",
-        "data.holdout=0.25",
-        "data.batch_size=1",
-        f"run_dir={run_dir}",
-        "epochs=12",
-        "model.optim.lr=3e-3",
-        "evaluate.every_n_steps=0",
-    )
+    one_voice_data = ["data=speech_demo", f"data.path={one_voice}", "data.holdout=0.25", "data.batch_size=1"]
+    cfg = tiny_recipe("finetune_voice", path, run_dir, *one_voice_data, "epochs=12", "model.optim.lr=3e-3")
     return run_dir, cfg, train(cfg)
 
 
