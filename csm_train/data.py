@@ -141,12 +141,17 @@ def held_out(key: str, fraction: float) -> bool:
 def split_frames(
     path: str | Path, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int, holdout: float, validation: bool
 ) -> list[Frames]:
-    """Every sample of one split as frames (read whole: for fine-tuning sets, not pre-training corpora)."""
-    return [
-        window_frames(read_window({"__key__": key, **raw}), tokenizer, num_codebooks, max_frames)[0]
-        for key, raw in read_samples(path)
-        if held_out(key, holdout) == validation
-    ]
+    """Every sample of one split as frames (read whole: for fine-tuning sets, not pre-training corpora); samples
+    that cannot fit are skipped, as the training stream skips them."""
+    frames = []
+    for key, raw in read_samples(path):
+        if held_out(key, holdout) != validation:
+            continue
+        try:
+            frames.append(window_frames(read_window({"__key__": key, **raw}), tokenizer, num_codebooks, max_frames)[0])
+        except ValueError as error:
+            log.warning("skipping sample that cannot fit: %s", error)
+    return frames
 
 
 def positions_per_epoch(
@@ -261,6 +266,8 @@ class FrameStream(IterableDataset):
         self.shards = sorted(self.shard_sizes)
         if not self.shards:
             raise ValueError(f"{self.dataset_dir}/manifest.jsonl lists no samples")
+        if holdout and all(held_out(row["key"], holdout) for row in manifest):
+            raise ValueError(f"data.holdout={holdout} holds out every sample of {self.dataset_dir}: lower it")
 
     def _slot(self) -> tuple[int, int, int]:
         """(slot, number of slots, local worker id) of the calling worker."""

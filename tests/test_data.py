@@ -3,6 +3,7 @@ bad input."""
 
 import json
 import tarfile
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from csm_train import CSM, CSMConfig
 from csm_train.data import FrameStream, StreamState, attention_mask, window_frames
 from csm_train.tokenizer import ByteTokenizer
-from data_pipeline.shards import ShardWriter, Window, sample_key
+from data_pipeline.shards import ShardWriter, Window, read_manifest, sample_key
 from data_pipeline.synthetic import write_synthetic_corpus
 
 K = 32
@@ -207,3 +208,22 @@ def test_missing_dataset_and_too_few_shards_are_clear(tmp_path, dataset):
         stream(tmp_path)
     with pytest.raises(ValueError, match="12 shards cannot feed 16 ranks"):
         take(stream(dataset, world_size=16), 1)
+
+
+def test_holdout_splits_by_key_and_refuses_an_empty_side(tmp_path):
+    from csm_train.data import HeldOutSet, held_out
+    from data_pipeline.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path, num_codebooks=32)
+    keys = [row["key"] for row in read_manifest(tmp_path)]
+    validation = {k for k in keys if held_out(k, 0.25)}
+    assert 0 < len(validation) < len(keys)
+    assert {k for k in keys if held_out(k, 0.5)} >= validation  # a larger share only adds samples
+    stream = FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=512, batch_size=2, lookahead=4, holdout=0.25)
+    trained = {key for batch in islice(stream, 20) for key in batch["keys"]}
+    assert trained and not trained & validation
+    assert len(HeldOutSet(tmp_path, ByteTokenizer(), 32, 512, 0.25)) == len(validation)
+    with pytest.raises(ValueError, match="holds out every sample"):
+        FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=512, batch_size=2, holdout=1.0)
+    with pytest.raises(ValueError, match="keeps no sample.*raise it"):
+        HeldOutSet(tmp_path, ByteTokenizer(), 32, 512, 1e-9)
