@@ -429,17 +429,15 @@ def save_transformers(model: CSM, directory: str | Path, codec, token_ids: dict 
 
 def _like(directory: Path) -> tuple[object, dict]:
     """The codec and special-token ids of a transformers CSM directory."""
-    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers import CsmForConditionalGeneration
 
-    hf_config = CsmConfig.from_pretrained(directory)
-    codec = CsmForConditionalGeneration.from_pretrained(directory).codec_model
-    return codec, {k: getattr(hf_config, k) for k in TRANSFORMERS_TOKEN_IDS}
+    hf = CsmForConditionalGeneration.from_pretrained(directory)
+    return hf.codec_model, {k: getattr(hf.config, k) for k in TRANSFORMERS_TOKEN_IDS}
 
 
 def convert(source: str | Path, out: str | Path, to: str, like=None, codec=None, torch_file=False) -> CSM:
     """Any checkpoint (ours, Sesame's, transformers', a training `.ckpt` or ZeRO directory) → `to` format."""
-    config, state_dict = load_checkpoint(source)
-    model = CSM.from_state_dict(config, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    model = CSM.from_pretrained(source).float()
     if to == "ours":
         save_checkpoint(model, out)
     elif to == "sesame":

@@ -71,13 +71,18 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def print_plan(cfg: DictConfig) -> None:
-    """The dry run: nothing is downloaded or allocated (the preset's own text vocabulary is assumed)."""
-    config = CSMConfig.preset(cfg.model.preset, activation_checkpointing=cfg.model.activation_checkpointing)
+def world_size(cfg: DictConfig) -> int:
+    """Ranks the trainer config asks for; devices "auto"/-1 means every visible GPU (one on a CPU machine)."""
     devices = cfg.trainer.devices
     if devices in ("auto", -1):
         devices = max(1, torch.cuda.device_count())
-    gpus = int(devices) * int(cfg.trainer.num_nodes)
+    return int(devices) * int(cfg.trainer.num_nodes)
+
+
+def print_plan(cfg: DictConfig) -> None:
+    """The dry run: nothing is downloaded or allocated (the preset's own text vocabulary is assumed)."""
+    config = CSMConfig.preset(cfg.model.preset, activation_checkpointing=cfg.model.activation_checkpointing)
+    gpus = world_size(cfg)
     p = plan(
         config,
         gpus=gpus,
@@ -101,8 +106,7 @@ def steps_for_epochs(cfg: DictConfig, tokenizer) -> int:
         )
     num_codebooks = CSMConfig.preset(cfg.model.preset).num_codebooks
     positions = positions_per_epoch(path, tokenizer, num_codebooks, cfg.data.max_seq_len, cfg.data.holdout)
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else max(1, torch.cuda.device_count())
-    per_step = cfg.data.batch_size * cfg.data.max_seq_len * devices * cfg.trainer.num_nodes
+    per_step = cfg.data.batch_size * cfg.data.max_seq_len * world_size(cfg)
     steps = max(1, math.ceil(cfg.epochs * positions / (per_step * cfg.trainer.accumulate_grad_batches)))
     print(f"epochs={cfg.epochs}: {positions:,} positions per pass, {per_step:,} per batch → {steps} steps")
     return steps

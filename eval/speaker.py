@@ -96,10 +96,7 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
 
 def load_model(path: Path) -> CSM:
     """Our model in fp32 from a training checkpoint (Lightning / DeepSpeed) or an exported one (any format)."""
-    from csm_train.convert import load_checkpoint
-
-    config, weights = load_checkpoint(path)
-    return CSM.from_state_dict(config, {k: v.float() for k, v in weights.items()}).eval()
+    return CSM.from_pretrained(path).float().eval()
 
 
 class Speaker:
