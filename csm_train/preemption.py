@@ -1,11 +1,11 @@
 """Preemption safety: a signal from the cluster ends the run at the next optimizer step with a checkpoint.
 
 * SIGUSR1 / SIGUSR2 are SLURM's warning before the time limit or a preemption (`--signal=USR1@120` in
-  launch/train.sbatch; submitit asks for USR2). The run saves `last.ckpt`, requeues its job
+  launch/train.sbatch; submitit asks for USR2). The run saves its step (`last.ckpt` links it), requeues its job
   (`scontrol requeue`), and exits; the requeued job starts the same command, whose run directory is the same,
   so it resumes from that checkpoint exactly.
 * SIGTERM is what `scancel`, `scontrol requeue` and a preemption send before SIGKILL (after the cluster's
-  KillWait, often 30 s). The run saves `last.ckpt` if it can in that time and exits; SLURM has already decided
+  KillWait, often 30 s). The run saves its step if it can in that time and exits; SLURM has already decided
   whether the job comes back.
 
 Why not Lightning's own SLURM handler: it saves from inside the signal handler, i.e. in the middle of whatever
@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import lightning as L
+
+from csm_train.checkpoint import StepCheckpoints
 
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)  # the job should come back: save and requeue
 STOPS = (signal.SIGTERM,)  # the scheduler is ending the job: save
@@ -35,11 +36,11 @@ def slurm_job_id() -> str | None:
 
 
 class Preemption(L.Callback):
-    """Save `checkpoint_dir/last.ckpt` and stop on a preemption signal; requeue the SLURM job on a warning.
+    """Save a checkpoint (and `last.ckpt`) and stop on a preemption signal; requeue the SLURM job on a warning.
     `signal` is the signal that stopped the run (None while it runs or when it ended normally)."""
 
-    def __init__(self, checkpoint_dir: str | Path):
-        self.checkpoint_dir = Path(checkpoint_dir)
+    def __init__(self, checkpoints: StepCheckpoints):
+        self.checkpoints = checkpoints
         self.signal: signal.Signals | None = None
         self._received: signal.Signals | None = None
         self._previous_handlers: dict = {}
@@ -68,12 +69,12 @@ class Preemption(L.Callback):
         # rank (or be absent on some), so the first one rank 0 saw decides whether to requeue.
         received = self._received or signal.SIGTERM
         requeue = trainer.strategy.broadcast(received in WARNINGS, src=0)
-        trainer.save_checkpoint(self.checkpoint_dir / "last.ckpt")
+        saved = self.checkpoints.save_now(trainer)
         self.signal = received
         trainer.should_stop = True
         if trainer.is_global_zero:
             job = slurm_job_id()
-            print(f"{received.name} at step {trainer.global_step}: saved {self.checkpoint_dir / 'last.ckpt'}")
+            print(f"{received.name} at step {trainer.global_step}: saved {saved}")
             if requeue and job:
                 subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                 print(f"requeued SLURM job {job}: it resumes from that checkpoint")

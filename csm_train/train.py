@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from csm_train.checkpoint import StepCheckpoints, last_checkpoint
 from csm_train.data import positions_per_epoch
 from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
@@ -62,13 +63,6 @@ class Throughput(Callback):
         norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
         if norms:
             module.log("train/grad_norm", torch.stack(norms).norm())
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of the run. Lightning writes each file atomically (temp file, then move), so a
-    run killed mid-save leaves the previous ones intact; `last.ckpt` may lag if killed right between."""
-    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return checkpoints[-1] if checkpoints else None
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -147,19 +141,11 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
     )
-    preemption = Preemption(run_dir / "checkpoints")
+    checkpoints = StepCheckpoints(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)
+    preemption = Preemption(checkpoints)
     callbacks = [
         preemption,
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step-{step:07d}",  # no "=" in names: Hydra overrides (checkpoint=…) would need quotes
-            auto_insert_metric_name=False,
-            every_n_train_steps=cfg.checkpoint.every_n_steps,
-            save_top_k=cfg.checkpoint.keep,
-            monitor="step",
-            mode="max",
-            save_last=True,
-        ),
+        checkpoints,
         LearningRateMonitor(logging_interval="step"),
         Throughput(device_peak_flops(cfg.peak_flops)),
         *extra_callbacks,

@@ -64,7 +64,7 @@ def codec_from_weights_id(weights_id: str, device: str = "auto") -> MimiCodec:
 def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: str | None = None) -> Checkpoint:
     """Find the checkpoint file (a run directory means its newest checkpoint) and what it was trained with;
     explicit `tokenizer` / `codec` win over what the run recorded."""
-    from csm_train.train import last_checkpoint
+    from csm_train.checkpoint import last_checkpoint
 
     path = Path(path)
     if (path / "checkpoints").is_dir():

@@ -48,7 +48,7 @@ def test_tiny_quickstart_loss_falls(tmp_path, demo_data):
         f"data.path={demo_data}",
         "trainer.max_steps=60",
         "trainer.log_every_n_steps=5",
-        "checkpoint.every_n_steps=30",
+        "checkpoint.every_n_steps=25",
     )
     train(cfg)
     rows = metrics(tmp_path)
@@ -56,11 +56,13 @@ def test_tiny_quickstart_loss_falls(tmp_path, demo_data):
     assert float(last["train/c0_loss"]) < 0.4 * float(first["train/c0_loss"])
     assert float(last["train/decoder_loss"]) < 0.75 * float(first["train/decoder_loss"])
     assert float(last["perf/frames_per_s"]) > 0 and "train/grad_norm" in last and "lr-AdamW/backbone" in last
+    # Every 25 steps and the final one (60, no multiple of 25), the newest `keep` (2); last.ckpt links the newest.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "last.ckpt",
-        "step-0000030.ckpt",
+        "step-0000050.ckpt",
         "step-0000060.ckpt",
     ]
+    assert (tmp_path / "checkpoints" / "last.ckpt").readlink() == Path("step-0000060.ckpt")
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # nothing needs unpickling
     assert ckpt["global_step"] == 60 and ckpt["CSMDataModule"]["stream"]["slots"]
 
@@ -92,6 +94,8 @@ def test_sigkill_and_restart_resumes_exactly(tmp_path, demo_data):
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out
 
+    names = {run: sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) for run in ("ref", "killed")}
+    assert names["ref"] == names["killed"] == ["last.ckpt", "step-0000012.ckpt", "step-0000016.ckpt"]
     a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 16
@@ -118,6 +122,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_nonzero(tmp_path, demo_data):
     assert run.returncode == 1, out
     step = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert step >= 4 and torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == f"step-{step:07d}.ckpt"
 
 
 @pytest.mark.slow
