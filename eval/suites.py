@@ -111,8 +111,11 @@ class Session:
         if kind == "phonemes":
             from eval.phonemes import PhonemeRecognizer, write_random_recognizer
 
-            if model == RANDOM_INIT:
-                model = str(write_random_recognizer(Path(tempfile.mkdtemp(prefix="random-phoneme-judge-"))))
+            if model == RANDOM_INIT:  # written, loaded, and gone: nothing is left in the temp directory
+                with tempfile.TemporaryDirectory(prefix="random-phoneme-judge-") as directory:
+                    recognizer = PhonemeRecognizer(str(write_random_recognizer(directory)), device=self.device)
+                recognizer.model_id = RANDOM_INIT  # the report names the judge, not a deleted path
+                return recognizer
             return PhonemeRecognizer(model, device=self.device)
         raise ValueError(f"unknown judge kind {kind!r}")
 

@@ -5,6 +5,7 @@ weights."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,22 @@ import torch
 from data_pipeline.codec import fill_codebooks, random_mimi
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail fast instead of retrying
+
+# The suite's temporary files peak near 2 GB (session fixtures plus one test's checkpoints; a passing test's
+# directory is removed at once). On a fuller disk every test that writes would error for the same hidden reason.
+NEEDS_FREE_GB = 4
+
+
+def pytest_sessionstart(session):
+    basetemp = session.config._tmp_path_factory.getbasetemp()
+    free_gb = shutil.disk_usage(basetemp).free / 1e9
+    if free_gb < NEEDS_FREE_GB:
+        pytest.exit(
+            f"only {free_gb:.1f} GB free under {basetemp}: the tests need {NEEDS_FREE_GB} GB for checkpoints and "
+            "audio; free some space or pass --basetemp=DIR on a larger disk",
+            returncode=1,
+        )
+
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>", "<|pad|>"]
 SENTENCES = [
