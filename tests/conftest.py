@@ -18,7 +18,7 @@ from data_pipeline.codec import fill_codebooks, random_mimi
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail fast instead of retrying
 
-# The suite's temporary files peak near 2 GB (session fixtures plus one test's checkpoints; a passing test's
+# The suite's temporary files peak near 2.5 GB (session fixtures plus one test's checkpoints; a passing test's
 # directory is removed at once). On a fuller disk every test that writes would error for the same hidden reason.
 NEEDS_FREE_GB = 4
 
