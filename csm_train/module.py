@@ -185,21 +185,10 @@ class CSMModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None)
         if isinstance(datamodule, CSMDataModule):
             datamodule.stream_state.update(batch)
-        packed = bool((batch["doc_ids"] > 0).any())
-        out = csm_loss(
-            self.model,
-            batch["tokens"],
-            batch["tokens_mask"],
-            batch["labels"],
-            decoder_fraction=self.loss_weights.decoder_fraction,
-            generator=decoder_frame_generator(
-                self.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches
-            ),
-            w_semantic=self.loss_weights.w_semantic,
-            w_acoustic=self.loss_weights.w_acoustic,
-            input_pos=batch["input_pos"],
-            mask=attention_mask(batch["doc_ids"]) if packed else None,
+        generator = decoder_frame_generator(
+            self.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches
         )
+        out = self._loss(batch, self.loss_weights.decoder_fraction, generator)
         # Every rank must agree to skip, or DDP would wait forever on the ranks that do backward.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out.loss)), all=True):
             return self._skip_bad_step(out.loss)
@@ -207,18 +196,25 @@ class CSMModule(L.LightningModule):
         self._log_step(batch, out)
         return out.loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Every frame through the depth decoder: a held-out number must not depend on which 1/16 a seed picked.
-        out = csm_loss(
+    def _loss(self, batch: dict, decoder_fraction: float, generator: torch.Generator | None = None):
+        """The CSM loss of a batch; rows packed with several conversations get a block-causal mask."""
+        packed = bool((batch["doc_ids"] > 0).any())
+        return csm_loss(
             self.model,
             batch["tokens"],
             batch["tokens_mask"],
             batch["labels"],
-            decoder_fraction=1.0,
+            decoder_fraction=decoder_fraction,
+            generator=generator,
             w_semantic=self.loss_weights.w_semantic,
             w_acoustic=self.loss_weights.w_acoustic,
             input_pos=batch["input_pos"],
+            mask=attention_mask(batch["doc_ids"]) if packed else None,
         )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Every frame through the depth decoder: a held-out number must not depend on which 1/16 a seed picked.
+        out = self._loss(batch, decoder_fraction=1.0)
         metrics = {"val/loss": out.loss, "val/c0_loss": out.c0_loss, "val/decoder_loss": out.decoder_loss}
         self.log_dict(metrics, batch_size=len(batch["tokens"]), sync_dist=True)
 
