@@ -443,12 +443,8 @@ def convert(source: str | Path, out: str | Path, to: str, like=None, codec=None,
     elif to == "sesame":
         save_sesame(model, out, torch_file=torch_file)
     elif to == "transformers":
-        source = Path(source)
-        if (
-            like is None
-            and source.is_dir()
-            and json.loads((source / "config.json").read_text()).get("model_type") == "csm"
-        ):
+        config_file = Path(source) / "config.json"  # a ZeRO checkpoint directory has none
+        if like is None and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "csm":
             like = source  # keep the codec and token ids a transformers source came with
         if like is not None:
             mimi, token_ids = _like(Path(like))

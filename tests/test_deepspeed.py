@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from csm_train import CSM
+from csm_train.convert import convert
 from data_pipeline.synthetic import write_synthetic_corpus
 
 PROBE = Path(__file__).with_name("deepspeed_probe.py")
@@ -52,3 +53,5 @@ def test_zero_training_matches_single_process_and_consolidates(stage, dataset, t
     # Any reader takes the ZeRO directory as it is (consolidated on the way): init_from, convert, eval.
     direct = CSM.from_pretrained(tmp_path / "zero")
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="--codec.*--like"):  # a ZeRO directory has no config.json to look in
+        convert(tmp_path / "zero", tmp_path / "hf", "transformers")
