@@ -2,13 +2,21 @@
 (+ `config.json`) that `CSM.from_pretrained` and `csm_train.convert` read.
 
 CHECKPOINT is a Lightning `.ckpt` file (DDP/CPU runs) or a DeepSpeed ZeRO checkpoint directory (Lightning's
-`last.ckpt/` under a DeepSpeed strategy, or any `engine.save_checkpoint` directory), whose weight shards are
-gathered into full fp32 tensors with DeepSpeed's own `zero_to_fp32`. Nothing is unpickled beyond tensors.
+`last.ckpt/` under a DeepSpeed strategy, or any `engine.save_checkpoint` directory), whose fp32 partitions are
+gathered into full tensors with DeepSpeed's own `zero_to_fp32` merge.
+
+Nothing from a file runs code: every `.pt` shard is opened with torch's restricted unpickler
+(`weights_only=True`), which builds tensors and plain containers only; the four record types DeepSpeed pickles
+into its shards (the loss scaler, the ZeRO stage, parameter fragment addresses) are read as inert data, never
+as DeepSpeed's classes. A shard holding anything else is refused. For a directory you trust (your own run),
+`--trust-pickle` reads it with DeepSpeed's reader instead, which unpickles (`weights_only=False`): any code a
+file names runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
@@ -18,6 +26,7 @@ from csm_train.model import CSM, CSMConfig
 
 # Lightning's DeepSpeed strategy wraps the LightningModule (`_forward_module.`), which holds the CSM as `model.`.
 WRAPPER_PREFIXES = ("_forward_module.", "model.")
+TRUST_FLAG = "--trust-pickle"
 
 
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,27 +36,150 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return state_dict
 
 
-def _deepspeed_client_state(directory: Path) -> dict:
+def unpickling_reason(error: Exception) -> str:
+    """The gist of torch's weights_only refusal, e.g. `Unsupported global: GLOBAL posix.system`."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(" was not an allowed global")[0]
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file holds objects other than tensors and known records: reading it would run its code."""
+
+    def __init__(self, checkpoint: Path, file: Path, error: Exception):
+        where = f"{file.relative_to(checkpoint)} " if checkpoint in file.parents else ""
+        super().__init__(
+            f"{checkpoint}: {where}holds objects other than tensors and DeepSpeed's checkpoint records "
+            f"({unpickling_reason(error)}). csm_train does not unpickle them: "
+            f"unpickling runs whatever code the file names. If this checkpoint is yours (a run you trained), "
+            f"consolidate it once, trusting it explicitly: `python -m csm_train.consolidate {checkpoint} OUT_DIR "
+            f"{TRUST_FLAG}`, then load OUT_DIR"
+        )
+
+
+class _Record:
+    """Stands in for a DeepSpeed object pickled into a ZeRO shard (its loss scaler, a fragment's address): built
+    empty and given the saved attributes as data; none of DeepSpeed's code runs."""
+
+
+# Every non-tensor type DeepSpeed 0.19 pickles into a ZeRO checkpoint's *_states.pt files (listed from the
+# files ZeRO-1/2/3 write in fp32 and bf16; fp16 adds the dynamic loss scaler), mapped to inert stand-ins.
+# tests/test_untrusted.py reads a ZeRO directory holding all four.
+DEEPSPEED_RECORDS = [
+    (_Record, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (_Record, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    (_Record, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),  # an int Enum, pickled as ZeroStageEnum(value)
+]
+
+
+def load_safely(file: Path, checkpoint: Path, mmap: bool = False):
+    """A torch file through torch's restricted unpickler (tensors, containers, DEEPSPEED_RECORDS as data), or
+    UntrustedCheckpointError naming `checkpoint` and how to consolidate it."""
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_RECORDS):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise UntrustedCheckpointError(checkpoint, file, error) from None
+
+
+def _tag_directory(directory: Path) -> Path:
     tag = (directory / "latest").read_text().strip() if (directory / "latest").exists() else None
+    return directory / tag if tag else directory
+
+
+def _deepspeed_client_state(directory: Path, trust_pickle: bool = False) -> dict:
     # ZeRO-1/2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_N_mp_rank_00_model_states.pt per rank.
-    candidates = sorted((directory / tag if tag else directory).glob("*mp_rank_00_model_states.pt"))
+    candidates = sorted(_tag_directory(directory).glob("*mp_rank_00_model_states.pt"))
     if not candidates:
         raise FileNotFoundError(f"{directory}: no mp_rank_00_model_states.pt; is this a DeepSpeed checkpoint?")
-    return torch.load(candidates[0], map_location="cpu", weights_only=True)
+    if trust_pickle:
+        return torch.load(candidates[0], map_location="cpu", weights_only=False)
+    return load_safely(candidates[0], directory)
 
 
-def load_training_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
+def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 (`get_fp32_state_dict_from_zero_checkpoint`) with its two readers,
+    `parse_model_states` and `parse_optim_states`, redone over `load_safely`; the merge is DeepSpeed's own."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    tag_dir = _tag_directory(directory)
+    model_states = []
+    for file in z.get_model_state_files(str(tag_dir)):
+        state = load_safely(Path(file), directory)
+        z._raise_if_autoep_zero3_partitioned_state(state)
+        if z.BUFFER_NAMES not in state:
+            raise ValueError(f"{file} is not a model state checkpoint")
+        buffer_names = state[z.BUFFER_NAMES]
+        model_states.append(
+            z.zero_model_state(
+                buffers={
+                    k: v.float() if v.is_floating_point() else v
+                    for k, v in state["module"].items()
+                    if k in buffer_names
+                },
+                param_shapes=state[z.PARAM_SHAPES],
+                shared_params=[[k, v] for k, v in state["shared_params"].items()],
+                ds_version=state.get(z.DS_VERSION),
+                frozen_param_shapes=state.get(z.FROZEN_PARAM_SHAPES),
+                frozen_param_fragments=state.get(z.FROZEN_PARAM_FRAGMENTS),
+            )
+        )
+
+    optim_files = z.get_optim_files(str(tag_dir))
+    optim_states = []
+    for file in optim_files:
+        state = load_safely(Path(file), directory, mmap=True)[z.OPTIMIZER_STATE_DICT]
+        state.pop(z.OPTIMIZER_STATE_DICT, None)  # the optimizer's moments: only the fp32 master weights are read
+        optim_states.append(state)
+    if z.ZERO_STAGE not in optim_states[0]:
+        raise ValueError(f"{optim_files[0]} is not a ZeRO checkpoint")
+    stage, world_size = int(optim_states[0][z.ZERO_STAGE]), optim_states[0][z.PARTITION_COUNT]
+    world_size = max(world_size) if isinstance(world_size, list) else world_size
+    if world_size != len(optim_files):
+        raise ValueError(
+            f"{tag_dir}: expected {world_size} '*_optim_states.pt' files (one per rank) but found {len(optim_files)}; "
+            f"a rank did not save, or an older checkpoint was partly overwritten"
+        )
+    if stage <= 2:
+        groups = [s[z.SINGLE_PARTITION_OF_FP32_GROUPS] for s in optim_states]
+        paddings = optim_states[0].get(z.PARAM_ALIGNMENT_PADDINGS)
+        weights = z._get_fp32_state_dict_from_zero2_checkpoint(world_size, groups, model_states, False, paddings)
+    elif stage == 3:
+        groups = [s[z.FP32_FLAT_GROUPS] for s in optim_states]
+        weights = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, groups, model_states, False)
+    else:
+        raise ValueError(f"{optim_files[0]}: unknown ZeRO stage {stage}")
+    return z.to_torch_tensor(weights)
+
+
+def training_state(path: str | Path, trust_pickle: bool = False) -> dict:
+    """What the trainer saved beside the weights (`global_step`, `csm_config`, …): a Lightning `.ckpt`'s whole
+    dict, or a ZeRO directory's client state. Read safely unless `trust_pickle`."""
     path = Path(path)
     if path.is_dir():
+        return _deepspeed_client_state(path, trust_pickle)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return load_safely(path, path)
+
+
+def load_training_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
+    """(config, weights with our names) from a Lightning `.ckpt` or a ZeRO directory, LoRA merged. Read safely
+    (see the module's docstring) unless `trust_pickle`, which unpickles: only for a checkpoint you trust."""
+    path = Path(path)
+    state = training_state(path, trust_pickle)
+    if not path.is_dir():
+        weights = state["state_dict"]
+    elif trust_pickle:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = _deepspeed_client_state(path)
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = state["state_dict"]
     else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        weights = _zero_fp32_weights(path)
     if "csm_config" not in state:
         raise ValueError(f"{path}: no 'csm_config' in the checkpoint; was it written by csm_train's trainer?")
     config, weights = CSMConfig(**state["csm_config"]), _strip_prefixes(dict(weights))
@@ -56,19 +188,32 @@ def load_training_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, tor
     return config, weights
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path) -> CSM:
-    config, weights = load_training_checkpoint(checkpoint)
+def consolidate(checkpoint: str | Path, out_dir: str | Path, trust_pickle: bool = False) -> CSM:
+    config, weights = load_training_checkpoint(checkpoint, trust_pickle)
     model = CSM.from_state_dict(config, {k: v.float().contiguous() for k, v in weights.items()})
     model.save_pretrained(out_dir)
     return model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m csm_train.consolidate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m csm_train.consolidate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
     parser.add_argument("out_dir", help="directory for model.safetensors and config.json")
+    parser.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="only for a checkpoint you trust (your own run) that the safe reader refuses: read it with "
+        "DeepSpeed's zero_to_fp32 / torch.load(weights_only=False), which run any code its files name",
+    )
     args = parser.parse_args()
-    model = consolidate(args.checkpoint, args.out_dir)
+    try:
+        model = consolidate(args.checkpoint, args.out_dir, trust_pickle=args.trust_pickle)
+    except UntrustedCheckpointError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"wrote {args.out_dir}/model.safetensors: {model.num_parameters():,} parameters")
 
 

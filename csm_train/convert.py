@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -284,6 +285,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        from csm_train.consolidate import unpickling_reason
+
+        raise ValueError(
+            f"{path} holds objects other than tensors ({unpickling_reason(error)}); it is not read, since "
+            f"unpickling runs whatever code the file names: get its weights as safetensors"
+        ) from None
     except Exception as error:
         raise ValueError(
             f"could not read weights from {path} ({error}); the file is truncated or not a "
@@ -327,9 +335,11 @@ def is_training_checkpoint(path: Path) -> bool:
     return (path.is_file() and path.suffix == ".ckpt") or (path.is_dir() and (path / "latest").exists())
 
 
-def load_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
     """(config, state dict with our names) from any supported checkpoint, training checkpoints (ZeRO ones
-    consolidated) included."""
+    consolidated) included. Nothing is unpickled beyond tensors and DeepSpeed's checkpoint records
+    (csm_train.consolidate); `trust_pickle` lets a training checkpoint you trust be read with DeepSpeed's own
+    reader, which unpickles."""
     path = Path(path)
     if not path.exists() and HUB_ID.fullmatch(str(path)):
         path = _download(str(path))
@@ -338,7 +348,7 @@ def load_checkpoint(path: str | Path) -> tuple[CSMConfig, dict[str, torch.Tensor
     if is_training_checkpoint(path):
         from csm_train.consolidate import load_training_checkpoint
 
-        return load_training_checkpoint(path)
+        return load_training_checkpoint(path, trust_pickle)
     directory = path.parent if path.is_file() else path
     state_dict = _load_weights(path if path.is_file() else _find_weights(path))
     config_file = directory / "config.json"
@@ -435,9 +445,12 @@ def _like(directory: Path) -> tuple[object, dict]:
     return hf.codec_model, {k: getattr(hf.config, k) for k in TRANSFORMERS_TOKEN_IDS}
 
 
-def convert(source: str | Path, out: str | Path, to: str, like=None, codec=None, torch_file=False) -> CSM:
-    """Any checkpoint (ours, Sesame's, transformers', a training `.ckpt` or ZeRO directory) → `to` format."""
-    model = CSM.from_pretrained(source).float()
+def convert(
+    source: str | Path, out: str | Path, to: str, like=None, codec=None, torch_file=False, trust_pickle=False
+) -> CSM:
+    """Any checkpoint (ours, Sesame's, transformers', a training `.ckpt` or ZeRO directory) → `to` format.
+    `trust_pickle`: see `load_checkpoint`."""
+    model = CSM.from_state_dict(*load_checkpoint(source, trust_pickle)).float()
     if to == "ours":
         save_checkpoint(model, out)
     elif to == "sesame":
@@ -466,6 +479,8 @@ def convert(source: str | Path, out: str | Path, to: str, like=None, codec=None,
 def main() -> None:
     import argparse
 
+    from csm_train.consolidate import TRUST_FLAG, UntrustedCheckpointError
+
     parser = argparse.ArgumentParser(prog="python -m csm_train.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="checkpoint: a directory or file in any supported format")
     parser.add_argument("out", help="output directory")
@@ -473,8 +488,25 @@ def main() -> None:
     parser.add_argument("--like", help="transformers: a transformers CSM directory whose codec and token ids to keep")
     parser.add_argument("--codec", help="transformers: the Mimi codec to include (Hub id or directory)")
     parser.add_argument("--torch-file", action="store_true", help="sesame: ckpt.pt instead of model.safetensors")
+    parser.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="a training checkpoint (ZeRO directory or .ckpt) you trust, which the safe reader refuses: read it "
+        "with DeepSpeed's zero_to_fp32 / torch.load(weights_only=False), which run any code its files name",
+    )
     args = parser.parse_args()
-    model = convert(args.source, args.out, args.to, like=args.like, codec=args.codec, torch_file=args.torch_file)
+    try:
+        model = convert(
+            args.source,
+            args.out,
+            args.to,
+            like=args.like,
+            codec=args.codec,
+            torch_file=args.torch_file,
+            trust_pickle=args.trust_pickle,
+        )
+    except UntrustedCheckpointError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"{args.source} → {args.out} ({args.to}): {model.num_parameters():,} parameters")
 
 

@@ -65,6 +65,8 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
     """Find the checkpoint file (a run directory means its newest checkpoint) and what it was trained with;
     explicit `tokenizer` / `codec` win over what the run recorded."""
     from csm_train.checkpoint import last_checkpoint
+    from csm_train.consolidate import training_state
+    from csm_train.convert import is_training_checkpoint
 
     path = Path(path)
     if (path / "checkpoints").is_dir():
@@ -82,8 +84,9 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
         card = Path(run_cfg.data.path) / "dataset.json"
         if codec is None and card.exists():
             codec = json.loads(card.read_text())["codec"].get("weights_id")
-    if path.suffix == ".ckpt":
-        step = int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    if is_training_checkpoint(path):  # a Lightning .ckpt, or a ZeRO directory (DeepSpeed's last.ckpt/)
+        saved_step = training_state(path).get("global_step")  # read safely: csm_train.consolidate
+        step = None if saved_step is None else int(saved_step)
     missing = [name for name, value in (("tokenizer", tokenizer), ("codec", codec)) if not value]
     if missing:
         raise ValueError(

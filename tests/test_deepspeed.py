@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from csm_train import CSM
+from csm_train.consolidate import load_training_checkpoint
 from csm_train.convert import convert
 from data_pipeline.synthetic import write_synthetic_corpus
 
@@ -50,8 +51,11 @@ def test_zero_training_matches_single_process_and_consolidates(stage, dataset, t
     model = CSM.from_pretrained(tmp_path / "full")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, engine[f"model.{name}"]), name
-    # Any reader takes the ZeRO directory as it is (consolidated on the way): init_from, convert, eval.
+    # Any reader takes the ZeRO directory as it is (consolidated on the way, nothing unpickled): init_from, convert,
+    # eval; it reads what DeepSpeed's own zero_to_fp32 (which unpickles: --trust-pickle) reads.
     direct = CSM.from_pretrained(tmp_path / "zero")
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
+    _, trusted = load_training_checkpoint(tmp_path / "zero", trust_pickle=True)
+    assert all(torch.equal(trusted[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="--codec.*--like"):  # a ZeRO directory has no config.json to look in
         convert(tmp_path / "zero", tmp_path / "hf", "transformers")
