@@ -5,6 +5,7 @@ Lightning (strategies, precision, checkpoints, logging)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 from csm_train.data import FrameStream, HeldOutSet, StreamState, attention_mask
@@ -22,6 +25,8 @@ from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
 from csm_train.model import CSM, CSMConfig
 from csm_train.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,24 +123,30 @@ def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_flops_per_frame(config: CSMConfig, seq_len: int, decoder_fraction: float) -> float:
-    """Model FLOPs of one training frame (forward + backward = 3 × forward, each multiply-add 2 FLOPs).
+# bf16-mixed: fp32 weights, gradients and AdamW states, bf16 compute (autocast); 16-mixed adds a loss scaler.
+TRAINING_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
-    Backbone: 2·P matmul FLOPs per frame for its P non-embedding parameters (+ the c0 head), plus causal
-    attention scores and values, 2·2·L·D·(seq_len/2) on average (PaLM's appendix B accounting). The depth
-    decoder runs K positions per selected frame (projection + layers + one head each), on
-    `decoder_fraction` of the frames. Embedding lookups are not FLOPs. Recomputation from activation
-    checkpointing is not counted: this is MFU, not hardware FLOPs utilisation."""
-    b, d, K, V = config.backbone, config.decoder, config.num_codebooks, config.audio_vocab_size
 
-    def layers(cfg, context):
-        attn = cfg.dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-        mlp = 3 * cfg.dim * cfg.ffn_dim
-        return cfg.num_layers * (2 * (attn + mlp) + 2 * 2 * cfg.dim * context / 2)
+def check_precision(precision: str) -> None:
+    """Refuse, before the first step, precisions that would train badly rather than fail."""
+    if precision in TRAINING_PRECISIONS:
+        return
+    why = {
+        "bf16-true": "keeps the weights and AdamW's states in bf16, where an update smaller than 1/256 of a weight "
+        "is lost",
+        "16-true": "keeps the weights and AdamW's states in fp16, with neither a loss scale nor fp32 master weights",
+    }.get(precision, "is not one the trainer is tested with")
+    raise ValueError(
+        f"trainer.precision={precision} {why}: use bf16-mixed (fp32 master weights and optimizer states, bf16 "
+        f"compute), 16-mixed on GPUs without bf16, or 32-true"
+    )
 
-    backbone = layers(b, seq_len) + 2 * b.dim * V
-    decoder = K * (2 * b.dim * d.dim + layers(d, K)) + (K - 1) * 2 * d.dim * V
-    return 3 * (backbone + decoder_fraction * decoder)
+
+def fused_optimizer(precision: str) -> bool:
+    """Fused AdamW (one kernel for every parameter instead of a chain of foreach ops) wherever the gradients can
+    be clipped before the step: not under 16-mixed, whose loss scale a fused step removes internally, after
+    clipping would have run on scaled gradients."""
+    return precision != "16-mixed"
 
 
 class CSMModule(L.LightningModule):
@@ -177,7 +188,11 @@ class CSMModule(L.LightningModule):
         self.seed, self.max_bad_steps, self.peak_flops = seed, max_bad_steps, peak_flops
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
+        self.drop_update = False  # a micro-batch of this optimizer step had a non-finite loss on some rank
         self.save_hyperparameters()
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
 
     def training_step(self, batch: dict, batch_idx: int):
         # The batch counts as consumed from here on: a checkpoint written after this step resumes after it
@@ -189,11 +204,13 @@ class CSMModule(L.LightningModule):
             self.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches
         )
         out = self._loss(batch, self.loss_weights.decoder_fraction, generator)
-        # Every rank must agree to skip, or DDP would wait forever on the ranks that do backward.
+        # One all-reduce: if any rank's loss is not finite, every rank drops this step's update.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out.loss)), all=True):
-            return self._skip_bad_step(out.loss)
-        self.bad_steps_in_a_row = 0
-        self._log_step(batch, out)
+            self._count_bad_step(out.loss)
+        else:
+            self._log_step(batch, out)
+        # The loss always goes to backward, NaN or not: DDP and DeepSpeed need every rank in the gradient
+        # collectives (Lightning refuses a None loss on several ranks); the update is dropped before the optimizer.
         return out.loss
 
     def _loss(self, batch: dict, decoder_fraction: float, generator: torch.Generator | None = None):
@@ -218,8 +235,8 @@ class CSMModule(L.LightningModule):
         metrics = {"val/loss": out.loss, "val/c0_loss": out.c0_loss, "val/decoder_loss": out.decoder_loss}
         self.log_dict(metrics, batch_size=len(batch["tokens"]), sync_dist=True)
 
-    def _skip_bad_step(self, loss: torch.Tensor) -> None:
-        """A NaN/Inf loss skips the step (Lightning skips backward and the optimizer on None)."""
+    def _count_bad_step(self, loss: torch.Tensor) -> None:
+        self.drop_update = True
         self.bad_steps_in_a_row += 1
         self.bad_steps_total += 1
         self.log("train/skipped_nonfinite_steps", float(self.bad_steps_total))
@@ -229,7 +246,18 @@ class CSMModule(L.LightningModule):
                 f"lower optim.lr, raise optim.warmup_steps, or train in bf16-mixed rather than fp16; the last "
                 f"checkpoint is intact in the run directory"
             )
-        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A step with a non-finite loss on any rank changes nothing: without gradients the optimizer skips
+        every parameter (no update, no weight decay, no moment or step-count change), as fp16's loss scaler
+        skips an overflowing step. The step still counts (global step and schedule move on alike on every rank).
+        DeepSpeed keeps gradients in its own partitions and skips non-finite ones itself (its overflow check)."""
+        if self.drop_update:
+            if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                optimizer.zero_grad(set_to_none=True)
+            self.drop_update = False
+        else:
+            self.bad_steps_in_a_row = 0
 
     def _log_step(self, batch: dict, out) -> None:
         frames = int(batch["tokens_mask"].any(-1).sum())
@@ -251,15 +279,34 @@ class CSMModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.optim
         warmup = max(optim.warmup_steps, round(optim.warmup_fraction * optim.max_steps))
-        # fused: one kernel updates all parameters (CPU and CUDA) instead of a chain of foreach ops.
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, optim), lr=optim.lr, betas=tuple(optim.betas), fused=True
+        groups = param_groups(self.model, optim)
+        strategy = self.trainer.strategy
+        offload = isinstance(strategy, DeepSpeedStrategy) and "offload_optimizer" in strategy.config.get(
+            "zero_optimization", {}
         )
+        if offload:  # DeepSpeed steps offloaded states on the CPU with its own vectorised Adam (AdamW mode)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(
+                groups, lr=optim.lr, betas=tuple(optim.betas), fused=fused_optimizer(self.trainer.precision)
+            )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: cosine_with_warmup(step, warmup, optim.max_steps, optim.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            # bf16-mixed has no loss scale, so the gradients a fused optimizer sees are already true values and
+            # clipping them is valid. Lightning refuses any fused optimizer under mixed precision, because under
+            # fp16 the scaler would unscale inside the fused step, after clipping; here that cannot happen.
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["csm_config"] = self.config.to_dict()
@@ -327,7 +374,22 @@ class CSMDataModule(L.LightningDataModule):
             lookahead=self.pack_lookahead,
             holdout=self.holdout,
         )
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(stream, batch_size=None, num_workers=self.workers(stream), persistent_workers=False)
+
+    def workers(self, stream: FrameStream) -> int:
+        """`num_workers`, or fewer where the shards cannot feed that many: each worker of each rank reads its own
+        shards (csm_train/data.py), and a 5-minute fine-tuning set is a single shard."""
+        per_rank = len(stream.shards) // stream.world_size
+        if per_rank < 1:
+            raise ValueError(
+                f"{len(stream.shards)} shard(s) in {self.path} cannot feed {stream.world_size} ranks without sharing: "
+                f"write the dataset with more shards (data_pipeline samples_per_shard=…) or train on fewer devices"
+            )
+        if self.num_workers > per_rank:
+            if stream.rank == 0:
+                log.info("data.num_workers=%d → %d: %d shard(s) per rank", self.num_workers, per_rank, per_rank)
+            return per_rank
+        return self.num_workers
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.holdout:

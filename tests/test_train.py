@@ -1,6 +1,7 @@
 """`python -m csm_train`: Hydra configs, the tiny quickstart, exact resume after SIGKILL, DDP on CPU."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -223,3 +224,49 @@ def test_wandb_logger_runs_offline_under_a_stable_id(tmp_path, demo_data, monkey
     runs = list((tmp_path / "wandb").glob("offline-run-*-tiny-abc"))
     assert len(runs) == 1  # id = experiment-run_id: a resumed run continues the same W&B run
     assert list(runs[0].glob("run-tiny-abc.wandb"))
+
+
+def nan_probe(run_dir, demo_data, *overrides):
+    """tests/nan_probe.py: two DDP ranks in bf16-mixed with clipping (trainer=ddp as shipped, on CPU)."""
+    args = [
+        sys.executable,
+        str(Path(__file__).with_name("nan_probe.py")),
+        "+experiment=tiny",
+        f"run_dir={run_dir}",
+        f"data.path={demo_data}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "checkpoint.every_n_steps=100",
+        "model.optim.warmup_steps=1",
+        *overrides,
+    ]
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_ddp_rank_skips_the_update_on_every_rank(tmp_path, demo_data):
+    """Rank 1 alone sees a NaN loss at step 2: no rank's weights or AdamW state change at that step, the step still
+    counts on both (global step and schedule move on together), and training goes on after it."""
+    result = nan_probe(tmp_path, demo_data, "trainer.max_steps=4", "+poison.rank=1", "+poison.steps=[2]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"steps-rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0] == records[1]  # replicas identical at every step, counters included
+    steps = {r["step"]: r for r in records[0]}
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert (steps[3]["weights"], steps[3]["optimizer"]) == (steps[2]["weights"], steps[2]["optimizer"])
+    assert len({steps[s]["weights"] for s in (1, 2, 4)}) == 3  # the other steps do update
+    assert [steps[s]["skipped"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    assert steps[3]["lr"] != steps[2]["lr"]  # the schedule moved on with the step
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_in_a_row_stop_every_ddp_rank_with_the_reason(tmp_path, demo_data):
+    result = nan_probe(
+        tmp_path, demo_data, "trainer.max_steps=10", "model.max_bad_steps=2", "+poison.rank=0", "+poison.steps=[1,2,3]"
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "loss was nan for 2 steps in a row (step 2)" in out and "lower optim.lr" in out
