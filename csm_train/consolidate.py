@@ -60,7 +60,11 @@ class UntrustedCheckpointError(ValueError):
 
 class _Record:
     """Stands in for a DeepSpeed object pickled into a ZeRO shard (its loss scaler, a fragment's address): built
-    empty and given the saved attributes as data; none of DeepSpeed's code runs."""
+    empty, its saved attributes kept as one dict of data (no attribute is set from the file); none of DeepSpeed's
+    code runs."""
+
+    def __setstate__(self, state) -> None:
+        self.saved = state
 
 
 # Every non-tensor type DeepSpeed 0.19 pickles into a ZeRO checkpoint's *_states.pt files (listed from the
