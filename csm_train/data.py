@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -224,13 +225,29 @@ def _collate_rows(rows: list[list[Frames]], length: int) -> dict:
     }
 
 
-def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+def attention_mask(doc_ids: torch.Tensor, flex: bool = False) -> torch.Tensor | BlockMask:
     """Block-causal bool mask `[B, 1, T, T]`: a frame sees earlier frames of its own conversation. Padding
-    (doc -1) sees itself only, so no row of the attention is empty."""
+    (doc -1) sees earlier padding only, so no row of the attention is empty. With `flex`, the same rule as a
+    FlexAttention `BlockMask` (`block_mask`); the dense mask stays the reference, and the only kind that KV
+    caches and CPU backward take."""
+    if flex:
+        return block_mask(doc_ids)
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & causal)[:, None]
+
+
+def block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """`attention_mask`'s rule as a FlexAttention `BlockMask`: it records which 128×128 tiles are empty
+    (another conversation, the future) and which are full, so the kernel skips the first, computes the
+    second unmasked, and evaluates the rule only on the tiles a document boundary or the diagonal cuts."""
+    B, T = doc_ids.shape
+
+    def block_causal(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    return create_block_mask(block_causal, B, None, T, T, device=doc_ids.device)
 
 
 class FrameStream(IterableDataset):

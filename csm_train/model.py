@@ -20,6 +20,8 @@ the two.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,6 +197,20 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention) if importlib.util.find_spec("triton") else None
+
+
+def document_attention(q, k, v, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention under a block mask (packed rows: `data.block_mask`). Only compiled is it a fused kernel
+    that skips the tiles the mask rules out (eager, it materialises the scores). So on CUDA compile just this
+    kernel, as torchtitan does, and leave the model eager; inside a compiled model, leave it to that compile;
+    elsewhere (CPU, where it has no backward anyway, or without Triton) run the eager reference."""
+    compiled = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else None
+    return (compiled or flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -204,7 +221,7 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rotation, input_pos: torch.Tensor | None, mask: torch.Tensor | None):
+    def forward(self, x, rotation, input_pos: torch.Tensor | None, mask: torch.Tensor | BlockMask | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -214,14 +231,20 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("a model with KV caches needs input_pos: the positions being decoded")
+            if isinstance(mask, BlockMask):
+                raise ValueError("KV-cache decoding takes a dense bool mask, not a FlexAttention BlockMask")
             end = int(input_pos.max()) + 1
             k, v = self.kv_cache.update(input_pos[0], k, v, end)
             # A query at position p sees cached keys 0..p (causal over the whole cache).
             causal = torch.arange(end, device=x.device) <= input_pos[:, :, None]  # [B, T, end]
             mask = causal[:, None] if mask is None else mask[..., :end] & causal[:, None]
 
-        # GQA without materialising repeated K/V heads; is_causal lets SDPA pick its fused kernels.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if isinstance(mask, BlockMask):
+            # Packed rows: SDPA given a dense mask cannot use flash attention; a block mask keeps a fused kernel.
+            y = document_attention(q, k, v, mask)
+        else:
+            # GQA without materialising repeated K/V heads; is_causal lets SDPA pick its fused kernels.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.output_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -262,9 +285,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_freqs", rope_frequencies(cfg), persistent=False)
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | BlockMask | None = None
+    ):
         """`x [B, T, dim]`; `input_pos [B, T]` positions (default 0..T-1); `mask` bool, broadcastable to
-        `[B, 1, T, T]` (True = attend), default causal."""
+        `[B, 1, T, T]` (True = attend), or the same rule as a FlexAttention `BlockMask`; default causal."""
         B, T, _ = x.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"{T} positions exceed max_seq_len={self.cfg.max_seq_len} of this transformer")

@@ -214,7 +214,9 @@ class CSMModule(L.LightningModule):
         return out.loss
 
     def _loss(self, batch: dict, decoder_fraction: float, generator: torch.Generator | None = None):
-        """The CSM loss of a batch; rows packed with several conversations get a block-causal mask."""
+        """The CSM loss of a batch; rows packed with several conversations get a block-causal mask: on CUDA as
+        a FlexAttention block mask (a fused kernel that skips masked tiles, where SDPA given a dense mask loses
+        flash attention), elsewhere dense (FlexAttention has no CPU backward)."""
         packed = bool((batch["doc_ids"] > 0).any())
         return csm_loss(
             self.model,
@@ -226,7 +228,7 @@ class CSMModule(L.LightningModule):
             w_semantic=self.loss_weights.w_semantic,
             w_acoustic=self.loss_weights.w_acoustic,
             input_pos=batch["input_pos"],
-            mask=attention_mask(batch["doc_ids"]) if packed else None,
+            mask=attention_mask(batch["doc_ids"], flex=batch["doc_ids"].is_cuda) if packed else None,
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
