@@ -1,13 +1,17 @@
 """Trainer benchmarks, each contender pair measured in this one process:
 
 1. MFU of a training step (forward + loss + backward + AdamW) — model FLOPs/s from
-   `train_flops_per_frame` ÷ the FLOP/s this machine's matmul reaches on a large fp32 (CPU) or bf16 (GPU)
-   product, measured in the same run;
+   `csm_train.plan.train_step_flops` (backbone on every non-padding frame, depth decoder only on the frames it
+   runs) ÷ the device's dense bf16 datasheet peak (`plan.GPU_PEAK_BF16_FLOPS`: H100/H200 SXM 989 TFLOP/s;
+   `--peak-flops` elsewhere; a CPU has none, so there MFU is "n/a" and the step is compared with the best
+   matmul timed in the same run instead); on CUDA also the peak memory against the planner's estimate;
 2. the data loader's batches/s vs the trainer's consumption (steps/s) at the same batch shape;
 3. padding waste of the packer on a realistic mix of conversation-window lengths.
 
     python bench/bench_train.py --preset 100m --rows 1 --seq 512        # CPU
-    python bench/bench_train.py --preset 1b --rows 4 --seq 2048 --steps 10  # one GPU, bf16
+    python bench/bench_train.py --preset 1b --rows 4 --seq 2048 --steps 10  # one GPU, bf16-mixed
+
+The last line is one `summary:` line for bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ import torch
 from csm_train import CSM, CSMConfig, csm_loss, decoder_frame_generator
 from csm_train.data import FrameStream, RowPacker, attention_mask
 from csm_train.layout import Frames
-from csm_train.module import OptimConfig, param_groups, train_flops_per_frame
+from csm_train.module import OptimConfig, param_groups
+from csm_train.plan import (
+    GiB,
+    activation_bytes,
+    autocast_weight_bytes,
+    decoder_frames_run,
+    gpu_peak_bf16_flops,
+    model_state_bytes,
+    train_step_flops,
+)
 from csm_train.tokenizer import ByteTokenizer
 from data_pipeline.synthetic import write_synthetic_corpus
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Best FLOP/s of an n×n matmul: the attainable peak that MFU is measured against."""
+    """Best FLOP/s of an n×n matmul: what this device really reaches on a large product (a reference beside
+    MFU, never its denominator)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(reps):
@@ -46,11 +60,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def training_step_seconds(config, batch, device, dtype, steps: int) -> float:
+def batch_mask(batch: dict, kind: str):
+    """`none`: each row one causal sequence (SDPA's flash kernel); `dense`: the trainer's block-causal bool mask
+    for packed rows; `flex`: a FlexAttention block mask, where csm_train.data offers one."""
+    if kind == "none" or not bool((batch["doc_ids"] > 0).any()):
+        return None
+    if kind == "flex":
+        return attention_mask(batch["doc_ids"], flex=True)
+    return attention_mask(batch["doc_ids"])
+
+
+def training_step_seconds(config, batch, device, dtype, steps: int, mask, decoder_fraction: float) -> float:
     torch.manual_seed(0)
     model = CSM(config).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, OptimConfig()), lr=1e-4, fused=True)
-    mask = attention_mask(batch["doc_ids"]) if bool((batch["doc_ids"] > 0).any()) else None
     times = []
     for step in range(steps + 1):
         sync(device)
@@ -61,6 +84,7 @@ def training_step_seconds(config, batch, device, dtype, steps: int) -> float:
                 batch["tokens"],
                 batch["tokens_mask"],
                 batch["labels"],
+                decoder_fraction=decoder_fraction,
                 generator=decoder_frame_generator(0, step),
                 input_pos=batch["input_pos"],
                 mask=mask,
@@ -113,11 +137,19 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    parser.add_argument("--decoder-fraction", type=float, default=1 / 16)
+    parser.add_argument("--mask", choices=["none", "dense", "flex"], default="none", help=batch_mask.__doc__)
+    parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = ByteTokenizer()
-    config = CSMConfig.preset(args.preset, text_vocab_size=tokenizer.vocab_size)
+    config = CSMConfig.preset(
+        args.preset, text_vocab_size=tokenizer.vocab_size, activation_checkpointing=args.checkpointing
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_corpus(tmp, num_conversations=64, samples_per_shard=8)
@@ -129,16 +161,43 @@ def main():
             next(it)
         loader_batches_per_s = n / (time.perf_counter() - start)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    mask = batch_mask(batch, args.mask)
 
-    step_s = training_step_seconds(config, batch, device, dtype, args.steps)
-    peak = matmul_peak(device, dtype)
-    frames = int(batch["tokens_mask"].any(-1).sum())
-    flops = frames * train_flops_per_frame(config, args.seq, 1 / 16)
-    print(f"preset {args.preset}, {args.rows} × {args.seq} frames, {device} {dtype}, threads {torch.get_num_threads()}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = training_step_seconds(config, batch, device, dtype, args.steps, mask, args.decoder_fraction)
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    matmul = matmul_peak(device, dtype)
+    frames = int(batch["tokens_mask"].any(-1).sum())  # non-padding frames
+    # Backbone FLOPs on every frame, depth-decoder FLOPs on the ⌈fraction × audio targets⌉ frames it runs.
+    flops = train_step_flops(config, frames, decoder_frames_run(batch["labels"], args.decoder_fraction), args.seq)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_flops or (gpu_peak_bf16_flops(device_name) if dtype == torch.bfloat16 else None)
+    mfu = flops / step_s / peak if peak else None
     print(
-        f"  MFU        step {step_s * 1e3:8.1f} ms   model {flops / step_s / 1e9:8.1f} GFLOP/s   "
-        f"matmul peak {peak / 1e9:8.1f} GFLOP/s   MFU {flops / step_s / peak:.1%}"
+        f"preset {args.preset}, {args.rows} × {args.seq} frames, {device_name} {dtype}, mask {args.mask}, "
+        f"checkpointing {'on' if args.checkpointing else 'off'}, threads {torch.get_num_threads()}"
     )
+    print(
+        f"  MFU        step {step_s * 1e3:8.1f} ms   model {flops / step_s / 1e12:8.3f} TFLOP/s   "
+        + (f"peak {peak / 1e12:.0f} TFLOP/s   MFU {mfu:.1%}" if mfu else "MFU n/a (no known peak: --peak-flops)")
+        + f"   ({flops / step_s / matmul:.0%} of the best timed matmul, {matmul / 1e12:.3f} TFLOP/s)"
+    )
+    print(f"  throughput {frames / step_s:8.0f} frames/s   {frames} frames per step")
+    planned = None
+    if peak_bytes is not None and dtype == torch.bfloat16:  # the planner models bf16-mixed
+        # One process, no DDP: fp32 weights + grads + AdamW states, autocast's weight copies, activations.
+        with torch.device("meta"):
+            params = CSM(config).num_parameters()
+        planned = (
+            model_state_bytes(params, "ddp (bf16-mixed)", 1)
+            + autocast_weight_bytes(config)
+            + activation_bytes(config, args.rows, args.seq, args.decoder_fraction, args.checkpointing)
+        )
+        print(
+            f"  memory     peak allocated {peak_bytes / GiB:6.2f} GiB   planner {planned / GiB:6.2f} GiB   "
+            f"ratio {peak_bytes / planned:.2f}"
+        )
     print(
         f"  loader     {loader_batches_per_s:8.1f} batches/s (1 process) vs trainer {1 / step_s:6.2f} steps/s   "
         f"ratio {loader_batches_per_s * step_s:.0f}x"
@@ -149,6 +208,16 @@ def main():
         f"  padding    first-come {waste[1]:.1%}   look-ahead 16 {waste[16]:.1%}   look-ahead 64 {waste[64]:.1%}   "
         f"of 2048-frame rows ({len(lengths)} windows, mean {np.mean(lengths):.0f} frames, "
         f"{np.mean(np.array(lengths) > 1800):.0%} above 1800)"
+    )
+    memory = (
+        f"peak_gib {peak_bytes / GiB:.2f} planned_gib {planned / GiB:.2f} ratio {peak_bytes / planned:.2f}"
+        if planned
+        else "peak_gib n/a"
+    )
+    print(
+        f"summary: preset {args.preset} rows {args.rows} seq {args.seq} device {device_name.replace(' ', '_')} "
+        f"step_ms {step_s * 1e3:.1f} frames_per_s {frames / step_s:.0f} "
+        f"mfu {f'{mfu:.3f}' if mfu else 'n/a'} {memory}"
     )
 
 

@@ -16,21 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 from csm_train.checkpoint import StepCheckpoints, last_checkpoint
 from csm_train.data import positions_per_epoch
 from csm_train.model import CSMConfig
-from csm_train.module import CSMDataModule, CSMModule, train_flops_per_frame
-from csm_train.plan import format_plan, plan
+from csm_train.module import CSMDataModule, CSMModule
+from csm_train.plan import decoder_frames_run, format_plan, gpu_peak_bf16_flops, plan, train_step_flops
 from csm_train.preemption import Preemption
 from data_pipeline.shards import MIMI_FRAME_RATE
 
-# Dense bf16 tensor-core peaks (datasheet, SXM): what MFU is measured against on these GPUs.
-GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 def device_peak_flops(configured: float | None) -> float | None:
+    """The per-device peak MFU divides by: `peak_flops=` if set, else the dense bf16 datasheet peak of this
+    exact GPU (plan.GPU_PEAK_BF16_FLOPS), else None (MFU not logged: an unknown peak is not guessed)."""
     if configured is not None:
         return float(configured)
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((flops for gpu, flops in GPU_PEAK_BF16_FLOPS.items() if gpu in name), None)
+        return gpu_peak_bf16_flops(torch.cuda.get_device_name())
     return None
 
 
@@ -46,11 +44,12 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, module: CSMModule, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._start
-        frames = int(batch["tokens_mask"].any(-1).sum())
+        frames = int(batch["tokens_mask"].any(-1).sum())  # non-padding frames: the backbone's useful work
         audio_frames = int((batch["labels"][..., 0] != -100).sum())
-        flops = frames * train_flops_per_frame(
-            module.config, batch["tokens"].shape[1], module.loss_weights.decoder_fraction
-        )
+        # The backbone is charged on every frame, the depth decoder only on the ⌈fraction × audio targets⌉ frames
+        # the loss runs it on (plan.train_step_flops).
+        decoder_frames = decoder_frames_run(batch["labels"], module.loss_weights.decoder_fraction)
+        flops = train_step_flops(module.config, frames, decoder_frames, batch["tokens"].shape[1])
         metrics = {
             "perf/frames_per_s": frames / seconds,
             "perf/audio_s_per_s": audio_frames / MIMI_FRAME_RATE / seconds,
