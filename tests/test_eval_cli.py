@@ -11,9 +11,12 @@ import sys
 
 import pytest
 
+from eval.metrics import bootstrap, word_error_rates
+
 pytestmark = pytest.mark.slow
 
 STEPS = 20
+STEP_DIRS = ("step-0000010", "step-0000020")  # evaluate.every_n_steps=10
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,14 @@ def test_training_logs_eval_suites_every_n_steps(run_dir):
     with (run_dir / "logs" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval/wer/wer")]
     assert [int(r["step"]) for r in rows] == [10, 20]
+    logged = {k for r in rows for k, v in r.items() if k.startswith("eval/") and v}
+    assert logged == {"eval/wer/wer", "eval/wer/wer_corpus", "eval/sim/similarity"}  # evaluate.suites: [wer, sim]
     for r in rows:
-        assert 0.0 <= float(r["eval/wer/wer"]) and -1.0 <= float(r["eval/sim/similarity"]) <= 1.0
-    assert (run_dir / "eval" / "step-0000010").is_dir()
+        assert -1.0 <= float(r["eval/sim/similarity"]) <= 1.0
+    # each evaluation generated evaluate.limit sentences with the weights of its step
+    first, second = (sorted((run_dir / "eval" / step / "samples" / "sentences").glob("*.wav")) for step in STEP_DIRS)
+    assert [p.name for p in first] == [p.name for p in second] and len(first) == 2
+    assert any(a.read_bytes() != b.read_bytes() for a, b in zip(first, second, strict=True))
 
 
 def test_a_full_eval_run_writes_the_report(run_dir, tmp_path):
@@ -55,8 +63,21 @@ def test_a_full_eval_run_writes_the_report(run_dir, tmp_path):
     assert report["model"]["step"] == STEPS and report["model"]["codec"] == "random-init:seed=0"
     numbers = {(r["suite"], r["metric"]): r for r in report["numbers"]}
     assert set(numbers) == {("wer", "wer"), ("wer", "wer_corpus"), ("mos", "dnsmos"), ("sim", "similarity")}
-    assert all(r["n"] == 2 and r["ci95"][0] <= r["value"] <= r["ci95"][1] for r in numbers.values())
-    assert 1.0 <= numbers[("mos", "dnsmos")]["value"] <= 5.0
+    assert all(r["n"] == 2 for r in numbers.values())  # limit=2
+    samples = {suite: report["suites"][suite]["samples"] for suite in ("wer", "mos", "sim")}
+    ids = [s["id"] for s in samples["wer"]]
+    assert len(ids) == 2 and all([s["id"] for s in samples[suite]] == ids for suite in samples)  # one generated set
+    # every number is what its judge said of the stored samples: WER recomputed from the transcripts, each mean and
+    # its interval the bootstrap of the per-sample verdicts
+    wer = word_error_rates([s["text"] for s in samples["wer"]], [s["transcript"] for s in samples["wer"]])
+    assert [s["wer"] for s in samples["wer"]] == pytest.approx(wer["values"])
+    assert numbers[("wer", "wer_corpus")]["value"] == pytest.approx(wer["corpus"])
+    for suite, metric in (("wer", "wer"), ("mos", "dnsmos"), ("sim", "similarity")):
+        expected = bootstrap([s[metric] for s in samples[suite]])
+        assert numbers[(suite, metric)]["value"] == pytest.approx(expected.value), (suite, metric)
+        assert numbers[(suite, metric)]["ci95"] == pytest.approx([expected.low, expected.high]), (suite, metric)
+    assert all(1.0 <= s["dnsmos"] <= 5.0 for s in samples["mos"])
+    assert all(-1.0 <= s["similarity"] <= 1.0 for s in samples["sim"])
     for suite in ("homograph", "consistency"):  # the whole path ran, but a random judge gives no number
         result = report["suites"][suite]
         assert "randomly initialised" in result["refused"] and len(result["samples"]) == 2
