@@ -7,7 +7,7 @@ gathered into full tensors with DeepSpeed's own `zero_to_fp32` merge.
 
 Nothing from a file runs code: every `.pt` shard is opened with torch's restricted unpickler
 (`weights_only=True`), which builds tensors and plain containers only; the four record types DeepSpeed pickles
-into its shards (the loss scaler, the ZeRO stage, parameter fragment addresses) are read as inert data, never
+into its shards (two loss scalers, the ZeRO stage, parameter fragment addresses) are read as inert data, never
 as DeepSpeed's classes. A shard holding anything else is refused. For a directory you trust (your own run),
 `--trust-pickle` reads it with DeepSpeed's reader instead, which unpickles (`weights_only=False`): any code a
 file names runs.

@@ -481,7 +481,12 @@ def main() -> None:
 
     from csm_train.consolidate import TRUST_FLAG, UntrustedCheckpointError
 
-    parser = argparse.ArgumentParser(prog="python -m csm_train.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m csm_train.convert",
+        description=__doc__.split("\n\n")[0],
+        epilog="Nothing from a file runs code: torch files and ZeRO shards are read with torch's restricted unpickler "
+        f"(csm_train.consolidate), and a checkpoint holding more than tensors is refused; see {TRUST_FLAG}.",
+    )
     parser.add_argument("source", help="checkpoint: a directory or file in any supported format")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--to", required=True, choices=["ours", "sesame", "transformers"])
