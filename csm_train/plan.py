@@ -14,8 +14,11 @@ bytes per parameter) and fp32 weights (4), which the optimizer updates; bf16 is 
   2 bytes of bf16 weights + 2 of bf16 gradients + 12 of fp32 master weights, momentum and variance = 16.
   ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3 also the weights across the data-parallel GPUs;
   CPU offload moves the fp32 states (and, at stage 3, weights) to host memory. Buffers: the reduce buckets
-  (Lightning's `reduce_bucket_size` 2e8 elements, double-buffered under `overlap_comm`) and at stage 3
-  DeepSpeed's prefetch bucket (5e7 elements).
+  (`reduce_bucket_size` 2e8 elements, double-buffered under `overlap_comm`), at stage 3 DeepSpeed's prefetch
+  bucket (5e7 elements), and what fp32 gradient accumulation (`data_types.grad_accum_dtype: fp32` in
+  conf/trainer/deepspeed_z1.yaml) adds to the paper's bf16 gradients: at stage 1 DeepSpeed's BF16_Optimizer
+  keeps a full fp32 gradient buffer (+4 bytes per parameter), at stages 2 and 3 the gradient partitions are fp32
+  (+2 bytes per parameter / GPUs).
 
 **Activations** are what autograd keeps per micro-batch, modelled tensor by tensor from what this model's
 modules save (`saved_activation_bytes`; tests/test_plan.py measures it with `saved_tensors_hooks`):
@@ -175,14 +178,16 @@ def model_state_bytes(params: int, strategy: str, gpus: int) -> float:
     }[strategy]
 
 
-def buffer_bytes(config: CSMConfig, params: int, strategy: str) -> float:
+def buffer_bytes(config: CSMConfig, params: int, strategy: str, gpus: int) -> float:
     """Per-GPU memory a strategy adds beyond states and activations (see module doc)."""
     if strategy == "ddp (bf16-mixed)":
         return 4 * params + autocast_weight_bytes(config)  # gradient buckets + autocast's weight copies
     buckets = 2 * 2 * min(REDUCE_BUCKET, params)  # bf16, double-buffered (overlap_comm)
     if strategy.startswith("deepspeed_z3"):
         buckets += 2 * min(PREFETCH_BUCKET, params)
-    return buckets
+    # fp32 gradient accumulation on top of the paper's bf16 gradients (offload keeps them in host memory)
+    fp32_grads = {"deepspeed_z1": 4 * params, "deepspeed_z2": 2 * params / gpus, "deepspeed_z3": 2 * params / gpus}
+    return buckets + fp32_grads.get(strategy, 0.0)
 
 
 @dataclass
@@ -211,7 +216,7 @@ def plan(config: CSMConfig, gpus: int, rows: int, seq_len: int, accumulate: int,
             StrategyMemory(
                 name,
                 model_state_bytes(params, name, gpus) / GiB,
-                buffer_bytes(config, params, name) / GiB,
+                buffer_bytes(config, params, name, gpus) / GiB,
                 activations / GiB,
             )
         )

@@ -120,7 +120,10 @@ def test_ddp_row_counts_buckets_and_autocast_weight_copies():
     matmul = matmul_parameters(config)
     assert 0.5 * params < matmul < params
     assert ddp.buffers_gib == pytest.approx((4 * params + 2 * matmul) / GiB)
-    assert buffer_bytes(config, params, "deepspeed_z2") < 1 * GiB  # reduce buckets only
+    # ZeRO-2: reduce buckets and fp32 gradient partitions (grad_accum_dtype fp32), sharded over the 8 GPUs
+    assert buffer_bytes(config, params, "deepspeed_z2", 8) == pytest.approx(2 * 2 * 200_000_000 + 2 * params / 8)
+    # ZeRO-1's BF16_Optimizer keeps a whole fp32 gradient
+    assert buffer_bytes(config, params, "deepspeed_z1", 8) > 4 * params
     text = format_plan(p, 8)
     assert "fp32 master weights" in text and "buffers" in text
     # 1b at 4 × 2048 fits an 80 GB card under DDP without activation checkpointing (conf/model/1b.yaml)
