@@ -5,6 +5,7 @@
 #
 #     bench/prepare_gpu_wheels.sh      # once, on a CPU machine with PyPI: bench/gpu_wheels/ (~6 MB, git-ignored)
 #     bench/gpu_check.sh               # on the GPU machine, from a copy of the repository carrying bench/gpu_wheels
+#                                      (a session's device tool: command bench/gpu_check.sh, carry [bench/gpu_wheels])
 #
 # The GPU machine has its own CUDA torch, lightning, transformers and peft but no hydra-core/omegaconf,
 # webdataset or deepspeed, and no package index: they are installed from bench/gpu_wheels into a venv that sees
