@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,32 @@ from csm_train.tokenizer import TextTokenizer
 from data_pipeline.shards import Window, check_window, read_manifest, read_samples
 
 log = logging.getLogger(__name__)
+
+# A stream that reads this many samples in a row without one it can train on stops with an error: a dataset
+# that does not fit the model (other codebook count, windows longer than max_seq_len) would otherwise loop
+# forever, skipping samples and never stepping.
+MAX_UNUSABLE_READS = 1000
+
+
+class RateLimitedWarnings:
+    """Warnings that may repeat once per sample: the first `first` of each kind are logged, then one line per
+    `every_s` seconds counts what was left out since (with the latest), so a bad dataset cannot fill a disk."""
+
+    def __init__(self, first: int = 5, every_s: float = 60.0):
+        self.first, self.every_s = first, every_s
+        self.counts: Counter = Counter()
+        self._reported: dict[str, tuple[int, float]] = {}  # kind → (count, time) at its last logged line
+
+    def warn(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        count, now = self.counts[kind], time.monotonic()
+        if count <= self.first:
+            more = f" (further ones: a count every {self.every_s:.0f} s)" if count == self.first else ""
+            log.warning("%s: %s%s", kind, detail, more)
+            self._reported[kind] = (count, now)
+        elif now - self._reported[kind][1] >= self.every_s:
+            log.warning("%s: %d more (%d in all); the latest: %s", kind, count - self._reported[kind][0], count, detail)
+            self._reported[kind] = (count, now)
 
 
 Position = tuple[int, int]  # (epoch, index of the sample in the slot's stream for that epoch)
@@ -144,14 +171,14 @@ def split_frames(
 ) -> list[Frames]:
     """Every sample of one split as frames (read whole: for fine-tuning sets, not pre-training corpora); samples
     that cannot fit are skipped, as the training stream skips them."""
-    frames = []
+    frames, warnings = [], RateLimitedWarnings()
     for key, raw in read_samples(path):
         if held_out(key, holdout) != validation:
             continue
         try:
             frames.append(window_frames(read_window({"__key__": key, **raw}), tokenizer, num_codebooks, max_frames)[0])
         except ValueError as error:
-            log.warning("skipping sample that cannot fit: %s", error)
+            warnings.warn("skipping sample that cannot fit", str(error))
     return frames
 
 
@@ -266,8 +293,11 @@ class FrameStream(IterableDataset):
         state: StreamState | None = None,
         lookahead: int = 64,
         holdout: float = 0.0,
+        max_unusable_reads: int = MAX_UNUSABLE_READS,
     ):
-        """`holdout`: the share of samples kept out for validation (`held_out`); the stream never yields them."""
+        """`holdout`: the share of samples kept out for validation (`held_out`); the stream never yields them.
+        `max_unusable_reads`: samples read in a row without a trainable one before the stream stops with an
+        error saying why (the model and the dataset do not fit each other)."""
         self.dataset_dir = Path(dataset_dir)
         self.tokenizer = tokenizer
         self.num_codebooks = num_codebooks
@@ -278,6 +308,10 @@ class FrameStream(IterableDataset):
         self.state = state or StreamState()
         self.lookahead = lookahead
         self.holdout = holdout
+        self.max_unusable_reads = max_unusable_reads
+        self.warnings = RateLimitedWarnings()
+        self._unusable: Counter = Counter()  # reasons of the samples read since the last trainable one
+        self._unusable_example: dict[str, str] = {}  # the first such sample of each reason
         manifest = read_manifest(self.dataset_dir)
         self.shard_sizes = Counter(row["shard"] for row in manifest)
         self.shards = sorted(self.shard_sizes)
@@ -330,7 +364,7 @@ class FrameStream(IterableDataset):
         try:
             return window_frames(window, self.tokenizer, self.num_codebooks, self.max_seq_len)
         except ValueError as error:
-            log.warning("skipping sample that cannot fit: %s", error)
+            self._skip("skipping sample that cannot fit", error)
             return None, False
 
     def _window(self, raw: dict) -> Window | None:
@@ -339,8 +373,42 @@ class FrameStream(IterableDataset):
             check_window(window, self.num_codebooks)
             return window
         except ValueError as error:
-            log.warning("skipping bad sample: %s", error)
+            self._skip("skipping bad sample", error)
             return None
+
+    def _skip(self, kind: str, error: ValueError) -> None:
+        self.warnings.warn(kind, str(error))
+        self._unusable[kind] += 1
+        self._unusable_example.setdefault(kind, str(error))
+
+    def _check_progress(self, trainable: bool, slot: int) -> None:
+        """Count samples read in a row without a trainable one; past `max_unusable_reads`, stop with the cause."""
+        if trainable:
+            self._unusable.clear()
+            self._unusable_example.clear()
+            return
+        if sum(self._unusable.values()) < self.max_unusable_reads:
+            return
+        reasons = {  # kind → (what the samples are, the fix)
+            "skipping sample that cannot fit": (
+                f"cannot fit data.max_seq_len={self.max_seq_len} (a window's first turn needs its text and one audio "
+                f"frame in one row)",
+                f"raise data.max_seq_len, or run the data pipeline again with max_positions={self.max_seq_len} so "
+                f"that its windows fit",
+            ),
+            "skipping bad sample": (
+                f"break the shard contract for this model ({self.num_codebooks} codebooks)",
+                "check the codec block of the dataset's dataset.json and run the data pipeline again for this model",
+            ),
+        }
+        causes = "; ".join(
+            f"{count} {reasons[kind][0]}, the first: {self._unusable_example[kind]} → {reasons[kind][1]}"
+            for kind, count in self._unusable.most_common()
+        )
+        raise RuntimeError(
+            f"dataset {self.dataset_dir}: {sum(self._unusable.values())} samples read in a row on rank {self.rank} "
+            f"(slot {slot}) and not one the model can train on: {causes}"
+        )
 
     def __iter__(self) -> Iterator[dict]:
         slot, num_slots, worker = self._slot()
@@ -352,6 +420,7 @@ class FrameStream(IterableDataset):
         for position, window in self._samples(slot, num_slots):
             unconsumed.append(position)
             frames, cut = self._frames(window) if window is not None else (None, False)
+            self._check_progress(frames is not None, slot)
             if frames is None:  # a bad sample is consumed as soon as it is read
                 skipped += 1
                 consumed.add(position)

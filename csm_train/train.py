@@ -3,7 +3,12 @@ directory already holds a checkpoint, and fit."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,7 +24,7 @@ from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule
 from csm_train.plan import decoder_frames_run, format_plan, gpu_peak_bf16_flops, plan, train_step_flops
 from csm_train.preemption import Preemption
-from data_pipeline.shards import MIMI_FRAME_RATE
+from data_pipeline.shards import MIMI_FRAME_RATE, check_codec
 
 
 def device_peak_flops(configured: float | None) -> float | None:
@@ -127,6 +132,208 @@ def pin_sweep_point(cfg: DictConfig, point: str) -> None:
         cfg.run_dir = str(run_dir)
 
 
+def check_dataset(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, a dataset whose card (`dataset.json`) says the model cannot train on it
+    (its codebook count, frame rate, sample rate, codec). A dataset without a card is checked sample by sample as
+    it streams (csm_train/data.py); the synthetic corpus, written on first use, is made for the model."""
+    num_codebooks = CSMConfig.preset(cfg.model.preset).num_codebooks
+    card = Path(cfg.data.path) / "dataset.json"
+    if not card.exists():
+        return
+    problems = check_codec(json.loads(card.read_text()).get("codec") or {}, num_codebooks)
+    if problems:
+        raise ValueError(
+            f"data.path={cfg.data.path} cannot train model.preset={cfg.model.preset} (from its dataset.json):\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
+
+
+RUN_LOCK, RUN_IDENTITY = "run.lock", "run.json"
+_held_locks: set[int] = set()  # descriptors of RunLocks this process holds (not inherited by forks: see below)
+
+
+def _forget_locks_after_fork() -> None:
+    """A forked child (a dataloader worker) shares the lock's open file, which would keep it locked until the child
+    ends too; the child closes its copy, so the lock lives exactly as long as the process that took it."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_after_fork)
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory is in use by another process, or holds a different run."""
+
+
+class RunLock:
+    """An exclusive `flock` on `run_dir/run.lock`: a second process started on the same run directory is refused
+    while the first runs. The kernel drops the lock when its process ends, however it ends (SIGKILL, a SLURM
+    requeue), so nothing is left to clean up; the file stays, naming its last holder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / RUN_LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirectoryError(
+                f"run directory {self.path.parent} is in use by {holder} ({self.path} is locked): two processes "
+                f"on one run would overwrite each other's checkpoints. Wait for it to end or stop it, or start "
+                f"this one as a new run with run_id=NAME"
+            ) from None
+        except OSError as error:  # a file system without flock (some NFS or Lustre mounts)
+            os.close(fd)
+            print(f"warning: cannot lock {self.path} ({error}); a second run started on it would not be refused")
+            return self
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {started})\n".encode(), 0)
+        self._fd = fd
+        _held_locks.add(fd)
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            _held_locks.discard(self._fd)
+            os.close(self._fd)  # the last descriptor of the open file: the lock goes with it
+            self._fd = None
+
+
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(f"{prefix}.{key}", item).items()}
+    return {prefix: value}
+
+
+def config_identity(cfg: DictConfig) -> dict:
+    """The settings that make a run what it is (a resume must not change them), flat: the model preset and what
+    changes its parameters (LoRA, frozen groups, starting weights), the tokenizer, the data split and the seed
+    (it orders the data stream)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    lora = model.get("lora") or {}
+    return {
+        "model.preset": model["preset"],
+        **_flat("model.lora", lora if lora.get("rank") else {"rank": 0}),
+        "model.freeze": sorted(model.get("freeze") or []),
+        "model.init_from": model.get("init_from"),
+        **_flat("tokenizer", OmegaConf.to_container(cfg.data.tokenizer, resolve=True)),
+        "data.path": str(Path(cfg.data.path).resolve()),
+        "data.holdout": cfg.data.get("holdout", 0.0),
+        "seed": cfg.seed,
+    }
+
+
+def dataset_identity(path: str | Path) -> dict:
+    """What tells one dataset from another: its samples (the manifest's hash and row count: keys, shards,
+    lengths), its codec (which codes) and the pipeline settings that made it. Empty while it does not exist."""
+    path = Path(path)
+    if not (path / "manifest.jsonl").exists():
+        return {}
+    digest, samples = hashlib.sha256(), 0
+    with open(path / "manifest.jsonl", "rb") as f:
+        for line in f:
+            digest.update(line)
+            samples += bool(line.strip())
+    card = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").exists() else {}
+    identity = {"dataset.samples": samples, "dataset.manifest_sha256": digest.hexdigest()[:16]}
+    identity.update(_flat("dataset.codec", card.get("codec") or {}))
+    if "config_hash" in card:
+        identity["dataset.pipeline_config_hash"] = card["config_hash"]
+    return identity
+
+
+def run_identity(cfg: DictConfig, tokenizer, model_config: CSMConfig | None = None) -> dict:
+    """`config_identity`, the model's shapes (`model_config`, else the preset's with the tokenizer's vocabulary, as
+    the module builds it), the tokenizer's vocabulary size and `dataset_identity`."""
+    model_config = model_config or CSMConfig.preset(cfg.model.preset, text_vocab_size=tokenizer.vocab_size)
+    architecture = {k: v for k, v in model_config.to_dict().items() if k != "activation_checkpointing"}
+    return {
+        **config_identity(cfg),
+        **_flat("model.architecture", architecture),
+        "tokenizer.vocab_size": tokenizer.vocab_size,
+        **dataset_identity(cfg.data.path),
+    }
+
+
+def identity_differences(then: dict, now: dict) -> list[str]:
+    """`key: then → now` for each setting both identities record and that differs. A key only one side has is not
+    compared (a run written before the key existed). A dataset is compared by content, not path: its path counts
+    only where a side does not know the content, and is shown beside a content difference. Architecture details
+    are left out when the preset differs (they follow from it)."""
+    by_content = "dataset.manifest_sha256" in then and "dataset.manifest_sha256" in now
+    differ = [k for k in now if k in then and then[k] != now[k] and not (k == "data.path" and by_content)]
+    if "model.preset" in differ:
+        differ = [k for k in differ if not k.startswith("model.architecture.")]
+    if by_content and any(k.startswith("dataset.") for k in differ) and then.get("data.path") != now.get("data.path"):
+        differ.append("data.path")
+    return [f"{k}: {then[k]} → {now[k]}" for k in differ]
+
+
+def previous_identity(run_dir: Path) -> dict | None:
+    """The identity the run directory's run was started with: its run.json, or for a run from before run.json
+    existed, what its config.yaml says; None for a new run directory."""
+    if (run_dir / RUN_IDENTITY).exists():
+        return json.loads((run_dir / RUN_IDENTITY).read_text())
+    if (run_dir / "config.yaml").exists():
+        return config_identity(OmegaConf.load(run_dir / "config.yaml"))
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path, identity: dict) -> list[str]:
+    """Refuse a run directory that holds a different run (`identity_differences`) unless `resume=force`; returns
+    the differences `resume=force` accepted. Reads only: every rank may call it, before anything is built."""
+    force = cfg.get("resume") or "auto"
+    if force not in ("auto", "force"):
+        raise ValueError(f"resume={force}: leave it unset (resume when the run is the same) or set resume=force")
+    then = previous_identity(run_dir)
+    differences = identity_differences(then, identity) if then is not None else []
+    if differences and force != "force":
+        override = "resume=force" if "resume" in cfg else "+resume=force"
+        raise RunDirectoryError(
+            f"run directory {run_dir} holds a different run, so this one does not resume it (then → now):\n"
+            + "".join(f"  {d}\n" for d in differences)
+            + f"Start a new run beside it with run_id=NAME (or another run_dir=), or resume it with these settings "
+            f"anyway with {override} (its checkpoint must still fit the model)."
+        )
+    return differences
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, identity: dict) -> RunLock:
+    """Before the run writes anything: rank 0 locks the run directory, checks it again under the lock
+    (`check_run_dir`, now with the dataset the data module may just have written) and writes `config.yaml` and
+    `run.json` (the identity). The other ranks of a multi-process run are the same run, relaunched: they neither
+    lock nor write. Returns the lock, held until the caller releases it or the process ends."""
+    lock = RunLock(run_dir)
+    if not trainer.is_global_zero:
+        return lock
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        differences = check_run_dir(cfg, run_dir, identity)
+        if differences:
+            lines = "".join(f"  {d}\n" for d in differences)
+            print(f"resume=force: resuming a run whose settings differ (then → now):\n{lines}", end="")
+        _write_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        _write_atomically(run_dir / RUN_IDENTITY, json.dumps(identity, indent=2) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | None:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
@@ -135,13 +342,15 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         return None
     # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
+    check_dataset(cfg)
+    check_run_dir(cfg, run_dir, run_identity(cfg, tokenizer))  # before building anything: a different run is refused
     fit_schedule_to_data(cfg, tokenizer)
     module: CSMModule = hydra.utils.instantiate(cfg.model, text_vocab_size=tokenizer.vocab_size, _convert_="all")
     datamodule: CSMDataModule = hydra.utils.instantiate(
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
     )
     checkpoints = StepCheckpoints(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)
-    preemption = Preemption(checkpoints)
+    preemption = Preemption(checkpoints, grace_s=cfg.get("stop_grace_s"))
     callbacks = [
         preemption,
         checkpoints,
@@ -162,12 +371,16 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=hydra.utils.instantiate(cfg.logger), default_root_dir=run_dir
     )
+    if trainer.is_global_zero:
+        datamodule.prepare_data()  # the synthetic corpus, if it is to be written: the run's identity names it
+    lock = claim_run_dir(cfg, run_dir, trainer, run_identity(cfg, tokenizer, module.config))
     resume = last_checkpoint(run_dir)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory {run_dir}; " + (f"resuming from {resume}" if resume else "starting fresh"))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        lock.release()
     if preemption.signal is not None:
         # Not a finished run: a non-zero exit, and (under submitit) no result file, so the job counts as not done.
         raise SystemExit(f"stopped by {preemption.signal.name} at step {trainer.global_step}; run again to resume")

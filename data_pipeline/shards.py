@@ -73,6 +73,33 @@ def check_window(window: Window, num_codebooks: int) -> None:
         previous_end = seg["frame_end"]
 
 
+def check_codec(codec: dict, num_codebooks: int) -> list[str]:
+    """What in a dataset card's `codec` block a model of `num_codebooks` codebooks cannot train on, one line
+    each with its fix; empty when it can. The frame layout is Mimi's (12.5 frames/s of 24 kHz audio), so those
+    rates are fixed; a field the card does not have is not checked (each sample's codes are, as they are read)."""
+    problems = []
+    n, rate, sample_rate = codec.get("n_codebooks"), codec.get("frame_rate"), codec.get("sample_rate")
+    if n is not None and int(n) != num_codebooks:
+        problems.append(
+            f"its codes have {n} codebooks per frame and the model has {num_codebooks}: encode the audio with "
+            f"{num_codebooks} Mimi codebooks (python -m data_pipeline writes them all), or choose a model with {n}"
+        )
+    if rate is not None and float(rate) != MIMI_FRAME_RATE:
+        problems.append(
+            f"its frame rate is {rate} frames/s; the model's layout is Mimi's {MIMI_FRAME_RATE}: encode the audio "
+            f"with Mimi (python -m data_pipeline)"
+        )
+    if sample_rate is not None and int(sample_rate) != MIMI_SAMPLE_RATE:
+        problems.append(
+            f"its codec reads {sample_rate} Hz audio; Mimi's is {MIMI_SAMPLE_RATE} Hz: encode the audio with "
+            f"Mimi (python -m data_pipeline resamples to {MIMI_SAMPLE_RATE} Hz)"
+        )
+    name = codec.get("name")
+    if name is not None and name != MIMI_CODEC["name"]:
+        problems.append(f"its codec is {name!r}, not Mimi: encode the audio with Mimi (python -m data_pipeline)")
+    return problems
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
