@@ -137,9 +137,16 @@ def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
         state = load_safely(Path(file), directory, mmap=True)[z.OPTIMIZER_STATE_DICT]
         state.pop(z.OPTIMIZER_STATE_DICT, None)  # the optimizer's moments: only the fp32 master weights are read
         optim_states.append(state)
-    if z.ZERO_STAGE not in optim_states[0]:
+    if z.ZERO_STAGE in optim_states[0]:
+        stage = int(optim_states[0][z.ZERO_STAGE])
+    elif z.SINGLE_PARTITION_OF_FP32_GROUPS in optim_states[0]:
+        # ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's BF16_Optimizer, whose shards
+        # (bf16_zero_pp_rank_*) zero_to_fp32 does not read: the same fp32 partitions of the same flat groups as
+        # ZeRO-1/2, without a stage entry, and with padding only at the end of each group.
+        stage = 1
+    else:
         raise ValueError(f"{optim_files[0]} is not a ZeRO checkpoint")
-    stage, world_size = int(optim_states[0][z.ZERO_STAGE]), optim_states[0][z.PARTITION_COUNT]
+    world_size = optim_states[0][z.PARTITION_COUNT]
     world_size = max(world_size) if isinstance(world_size, list) else world_size
     if world_size != len(optim_files):
         raise ValueError(

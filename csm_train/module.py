@@ -189,6 +189,7 @@ class CSMModule(L.LightningModule):
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
         self.drop_update = False  # a micro-batch of this optimizer step had a non-finite loss on some rank
+        self.grad_norm_step = 0  # the last step whose DeepSpeed gradient norm was logged
         self.save_hyperparameters()
 
     def setup(self, stage: str) -> None:
@@ -254,12 +255,27 @@ class CSMModule(L.LightningModule):
         every parameter (no update, no weight decay, no moment or step-count change), as fp16's loss scaler
         skips an overflowing step. The step still counts (global step and schedule move on alike on every rank).
         DeepSpeed keeps gradients in its own partitions and skips non-finite ones itself (its overflow check)."""
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if not deepspeed:  # the norm gradient clipping compares with (DeepSpeed's: on_train_batch_end)
+            norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
         if self.drop_update:
-            if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            if not deepspeed:
                 optimizer.zero_grad(set_to_none=True)
             self.drop_update = False
         else:
             self.bad_steps_in_a_row = 0
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Under ZeRO the gradients live in DeepSpeed's partitions, not in `.grad`: its step computes their global
+        # norm (before clipping), readable once the step has run, i.e. when the global step has moved on.
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and self.global_step != self.grad_norm_step:
+            self.grad_norm_step = self.global_step
+            norm = strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
 
     def _log_step(self, batch: dict, out) -> None:
         frames = int(batch["tokens_mask"].any(-1).sum())

@@ -63,11 +63,6 @@ class Throughput(Callback):
             metrics["perf/mfu"] = flops / seconds / self.peak_flops
         module.log_dict(metrics)
 
-    def on_before_optimizer_step(self, trainer, module, optimizer):
-        norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
-        if norms:
-            module.log("train/grad_norm", torch.stack(norms).norm())
-
 
 def world_size(cfg: DictConfig) -> int:
     """Ranks the trainer config asks for; devices "auto"/-1 means every visible GPU (one on a CPU machine)."""
