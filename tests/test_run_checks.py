@@ -92,6 +92,7 @@ def test_repeated_warnings_are_counted_not_repeated(caplog, monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forced(tmp_path, data, hf_tokenizer):
     run = tmp_path / "run"
     train(tiny(run, data))
