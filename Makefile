@@ -33,6 +33,8 @@ $(VENV)/.extras: $(VENV)/.installed scripts/install_extras.sh
 	scripts/install_extras.sh $(PY)
 	touch $@
 
+# Lint, then every test. The SLURM tests start a real local cluster (launch/local_slurm.sh installs SLURM with apt,
+# as root or with sudo) and fail where it cannot run: `CSM_SKIP_SLURM=1 make test` skips them instead.
 test: system-deps $(VENV)/.extras
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -92,7 +92,7 @@ def test_an_interrupted_job_resumes_exactly(slurm_cluster, data, ddp_reference, 
     requeues itself; requeue: `scontrol requeue`, i.e. SIGTERM, a save before KillWait, and SLURM's requeue."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = slurm(
-        slurm_cluster,
+        {**slurm_cluster, "PYTHON": sys.executable},  # the template's default is the checkout's .venv/bin/python
         "sbatch",
         "--parsable",
         "--gpus-per-node=0",
