@@ -82,7 +82,7 @@ def check_codec(codec: dict, num_codebooks: int) -> list[str]:
     if n is not None and int(n) != num_codebooks:
         problems.append(
             f"its codes have {n} codebooks per frame and the model has {num_codebooks}: encode the audio with "
-            f"{num_codebooks} Mimi codebooks (python -m data_pipeline writes them all), or choose a model with {n}"
+            f"{num_codebooks} Mimi codebooks (python -m data_pipeline writes them all)"
         )
     if rate is not None and float(rate) != MIMI_FRAME_RATE:
         problems.append(
