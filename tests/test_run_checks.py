@@ -32,7 +32,6 @@ def tiny(run_dir, data, *overrides):
         "+experiment=tiny",
         f"run_dir={run_dir}",
         f"data.path={data}",
-        "++trainer.enable_progress_bar=false",
         "trainer.max_steps=2",
         "checkpoint.every_n_steps=2",
         *overrides,
