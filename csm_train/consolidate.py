@@ -8,9 +8,9 @@ gathered into full tensors with DeepSpeed's own `zero_to_fp32` merge.
 Nothing from a file runs code: every `.pt` shard is opened with torch's restricted unpickler
 (`weights_only=True`), which builds tensors and plain containers only; the four record types DeepSpeed pickles
 into its shards (two loss scalers, the ZeRO stage, parameter fragment addresses) are read as inert data, never
-as DeepSpeed's classes. A shard holding anything else is refused. For a directory you trust (your own run),
-`--trust-pickle` reads it with DeepSpeed's reader instead, which unpickles (`weights_only=False`): any code a
-file names runs.
+as DeepSpeed's classes. A shard holding anything else is refused. For a checkpoint you trust (your own run),
+`--trust-pickle` reads it the same way but unpickles (`weights_only=False`, as DeepSpeed's own `zero_to_fp32`
+does): any code a file names runs.
 """
 
 from __future__ import annotations
@@ -93,25 +93,30 @@ def _tag_directory(directory: Path) -> Path:
     return directory / tag if tag else directory
 
 
+def _load(file: Path, checkpoint: Path, trust_pickle: bool, mmap: bool = False):
+    if trust_pickle:  # the user named `checkpoint` as trusted: any code its files name runs
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    return load_safely(file, checkpoint, mmap)
+
+
 def _deepspeed_client_state(directory: Path, trust_pickle: bool = False) -> dict:
     # ZeRO-1/2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_N_mp_rank_00_model_states.pt per rank.
     candidates = sorted(_tag_directory(directory).glob("*mp_rank_00_model_states.pt"))
     if not candidates:
         raise FileNotFoundError(f"{directory}: no mp_rank_00_model_states.pt; is this a DeepSpeed checkpoint?")
-    if trust_pickle:
-        return torch.load(candidates[0], map_location="cpu", weights_only=False)
-    return load_safely(candidates[0], directory)
+    return _load(candidates[0], directory, trust_pickle)
 
 
-def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _zero_fp32_weights(directory: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """DeepSpeed's zero_to_fp32 (`get_fp32_state_dict_from_zero_checkpoint`) with its two readers,
-    `parse_model_states` and `parse_optim_states`, redone over `load_safely`; the merge is DeepSpeed's own."""
+    `parse_model_states` and `parse_optim_states`, redone over `load_safely` (or, trusted, a plain unpickling
+    `torch.load` as DeepSpeed's); the merge is DeepSpeed's own."""
     from deepspeed.utils import zero_to_fp32 as z
 
     tag_dir = _tag_directory(directory)
     model_states = []
     for file in z.get_model_state_files(str(tag_dir)):
-        state = load_safely(Path(file), directory)
+        state = _load(Path(file), directory, trust_pickle)
         z._raise_if_autoep_zero3_partitioned_state(state)
         if z.BUFFER_NAMES not in state:
             raise ValueError(f"{file} is not a model state checkpoint")
@@ -134,7 +139,7 @@ def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
     optim_files = z.get_optim_files(str(tag_dir))
     optim_states = []
     for file in optim_files:
-        state = load_safely(Path(file), directory, mmap=True)[z.OPTIMIZER_STATE_DICT]
+        state = _load(Path(file), directory, trust_pickle, mmap=True)[z.OPTIMIZER_STATE_DICT]
         state.pop(z.OPTIMIZER_STATE_DICT, None)  # the optimizer's moments: only the fp32 master weights are read
         optim_states.append(state)
     if z.ZERO_STAGE in optim_states[0]:
@@ -173,9 +178,7 @@ def training_state(path: str | Path, trust_pickle: bool = False) -> dict:
         return _deepspeed_client_state(path, trust_pickle)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return load_safely(path, path)
+    return _load(path, path, trust_pickle)
 
 
 def load_training_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
@@ -183,14 +186,7 @@ def load_training_checkpoint(path: str | Path, trust_pickle: bool = False) -> tu
     (see the module's docstring) unless `trust_pickle`, which unpickles: only for a checkpoint you trust."""
     path = Path(path)
     state = training_state(path, trust_pickle)
-    if not path.is_dir():
-        weights = state["state_dict"]
-    elif trust_pickle:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    else:
-        weights = _zero_fp32_weights(path)
+    weights = _zero_fp32_weights(path, trust_pickle) if path.is_dir() else state["state_dict"]
     if "csm_config" not in state:
         raise ValueError(f"{path}: no 'csm_config' in the checkpoint; was it written by csm_train's trainer?")
     config, weights = CSMConfig(**state["csm_config"]), _strip_prefixes(dict(weights))
@@ -218,7 +214,7 @@ def main() -> None:
         TRUST_FLAG,
         action="store_true",
         help="only for a checkpoint you trust (your own run) that the safe reader refuses: read it with "
-        "DeepSpeed's zero_to_fp32 / torch.load(weights_only=False), which run any code its files name",
+        "torch.load(weights_only=False), as DeepSpeed's zero_to_fp32 does, which runs any code its files name",
     )
     args = parser.parse_args()
     try:

@@ -338,8 +338,8 @@ def is_training_checkpoint(path: Path) -> bool:
 def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[CSMConfig, dict[str, torch.Tensor]]:
     """(config, state dict with our names) from any supported checkpoint, training checkpoints (ZeRO ones
     consolidated) included. Nothing is unpickled beyond tensors and DeepSpeed's checkpoint records
-    (csm_train.consolidate); `trust_pickle` lets a training checkpoint you trust be read with DeepSpeed's own
-    reader, which unpickles."""
+    (csm_train.consolidate); `trust_pickle` lets a training checkpoint you trust be read with an unpickling
+    `torch.load(weights_only=False)`, as DeepSpeed's own zero_to_fp32 reads."""
     path = Path(path)
     if not path.exists() and HUB_ID.fullmatch(str(path)):
         path = _download(str(path))
@@ -497,7 +497,7 @@ def main() -> None:
         TRUST_FLAG,
         action="store_true",
         help="a training checkpoint (ZeRO directory or .ckpt) you trust, which the safe reader refuses: read it "
-        "with DeepSpeed's zero_to_fp32 / torch.load(weights_only=False), which run any code its files name",
+        "with torch.load(weights_only=False), as DeepSpeed's zero_to_fp32 does, which runs any code its files name",
     )
     args = parser.parse_args()
     try:

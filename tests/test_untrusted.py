@@ -116,7 +116,11 @@ def test_a_zero_checkpoint_is_read_without_unpickling_and_equals_deepspeeds_read
     read_config, read = load_training_checkpoint(directory)
     assert read_config == config
     assert read.keys() == weights.keys() and all(torch.equal(read[k], v) for k, v in weights.items())
-    _, trusted = load_training_checkpoint(directory, trust_pickle=True)  # DeepSpeed's own zero_to_fp32
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    deepspeeds = get_fp32_state_dict_from_zero_checkpoint(str(directory))  # which unpickles
+    assert all(torch.equal(deepspeeds[f"model.{k}"], v) for k, v in read.items())
+    _, trusted = load_training_checkpoint(directory, trust_pickle=True)
     assert all(torch.equal(trusted[k], v) for k, v in read.items())
     model = CSM.from_pretrained(directory)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
@@ -146,9 +150,14 @@ def assert_refused(error: Exception, directory: Path, marker: Path):
 
 
 def test_the_planted_payload_runs_when_unpickled(config, weights, tmp_path):
-    """The fixture is a real threat: a plain torch.load (DeepSpeed's zero_to_fp32 does one) runs it."""
-    directory, marker = planted(tmp_path, config, weights, "model")
-    torch.load(directory / TAG / MODEL_STATES, weights_only=False)
+    """The payload is a real threat: DeepSpeed's zero_to_fp32 runs it, and so does --trust-pickle, as it says."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    directory, marker = planted(tmp_path, config, weights, "optim")
+    get_fp32_state_dict_from_zero_checkpoint(str(directory))
+    assert marker.exists()
+    marker.unlink()
+    load_training_checkpoint(directory, trust_pickle=True)
     assert marker.exists()
 
 
