@@ -4,28 +4,33 @@ A packed row holds several conversations; the dense `[B, 1, T, T]` mask keeps SD
 (it takes the masked efficient or math kernel, computing every tile), while the FlexAttention block mask
 keeps a fused kernel that skips the tiles between conversations and above the diagonal. Both run the
 same backbone weights on the same packed batch, in turns; each step builds its mask, as training does.
-A third row, plain causal attention over the whole row, is flash's floor: wrong for packed rows (it
-attends across conversations) but the speed a mask cannot beat. Prints milliseconds per step, the ratio,
-the SDPA backend each path gets on CUDA, and how far the two masked paths differ.
+A last row runs plain causal attention over the whole row (`is_causal`, flash on CUDA): wrong for packed
+rows (it attends across conversations), but what the unmasked fused kernel costs. Prints milliseconds per
+step, the ratio to the dense mask, the attention kernel each path gets on CUDA, and how far the two
+masked paths differ.
 
     python bench/bench_attention.py --device cuda --preset 100m --seq-len 2048 --dtype bf16
     python bench/bench_attention.py --device cpu --preset tiny --seq-len 2048
 
 On CUDA a step is forward + backward of the backbone, FlexAttention compiled (the first steps compile it).
-On CPU FlexAttention has no backward and runs eager (its reference implementation, which materialises the
-scores), so a step is the forward only and its time says nothing about the GPU kernel.
+On CPU FlexAttention has no backward, so a step is the forward only; the model runs it eager there (its
+reference implementation, which materialises the scores), and an extra row times the compiled CPU kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
+import csm_train.model as model_module
 from csm_train import CSM, CSMConfig
 from csm_train.data import attention_mask
 
@@ -58,17 +63,17 @@ def attention_kernels(fn, device) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    pattern = re.compile(r"flash|fmha|efficient|cudnn|attention|flex", re.I)
+    pattern = re.compile(r"flash|fmha|efficient|cudnn|attention|flex|triton_tem", re.I)
     return sorted({e.key for e in prof.key_averages() if pattern.search(e.key)})
 
 
 def backend_of(kernels: list[str]) -> str:
     names = " ".join(kernels).lower()
-    for backend, marks in [
-        ("flash", ("flash",)),
+    for backend, marks in [  # cuDNN first: its kernels' names say "flash" too
         ("cudnn", ("cudnn",)),
+        ("flash", ("flash",)),
         ("efficient", ("fmha", "efficient", "mem_eff")),
-        ("flex (triton)", ("flex", "triton")),
+        ("flex (triton)", ("flex", "triton_tem")),
     ]:
         if any(m in names for m in marks):
             return backend
@@ -104,33 +109,48 @@ def main():
     docs_per_row = [int(r.max()) + 1 for r in doc_ids]
     padding = float((doc_ids < 0).float().mean())
 
-    masks = {
-        "dense mask, SDPA": lambda: attention_mask(doc_ids),
-        "block mask, FlexAttention": lambda: attention_mask(doc_ids, flex=True),
-        "causal, no mask (floor, wrong)": lambda: None,
-    }
+    DENSE, FLEX, COMPILED, CAUSAL = (
+        "dense mask, SDPA",
+        "block mask, FlexAttention",
+        "block mask, flex compiled",
+        "causal only (wrong for packing)",
+    )
+    masks = {DENSE: lambda: attention_mask(doc_ids), FLEX: lambda: attention_mask(doc_ids, flex=True)}
+    if not cuda:  # the model runs flex eager on CPU; its compiled CPU kernel (forward only) is the fused figure
+        masks[COMPILED] = masks[FLEX]
+    masks[CAUSAL] = lambda: None
+    compiled_flex = torch.compile(flex_attention)
 
-    def step(make_mask):
+    def step(name):
         def run():
             backbone.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                with torch.set_grad_enabled(train):
-                    out = backbone(x, input_pos=input_pos, mask=make_mask())
-                    if train:
-                        out.float().square().mean().backward()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
+                stack.enter_context(torch.set_grad_enabled(train))
+                if name == COMPILED:
+                    stack.enter_context(
+                        mock.patch.object(
+                            model_module,
+                            "document_attention",
+                            lambda q, k, v, mask: compiled_flex(q, k, v, block_mask=mask, enable_gqa=True),
+                        )
+                    )
+                out = backbone(x, input_pos=input_pos, mask=masks[name]())
+                if train:
+                    out.float().square().mean().backward()
             return out
 
         return run
 
-    runs = {name: step(make_mask) for name, make_mask in masks.items()}
+    runs = {name: step(name) for name in masks}
     for run in runs.values():
         for _ in range(args.warmup):
             run()
     sync()
 
     # The two masked paths must agree (the CPU tests check fp32 exactly; this is the GPU kernel's check).
-    dense_out, dense_grad = runs["dense mask, SDPA"]().float(), backbone.layers[0].attn.q_proj.weight.grad
-    flex_out, flex_grad = runs["block mask, FlexAttention"]().float(), backbone.layers[0].attn.q_proj.weight.grad
+    dense_out, dense_grad = runs[DENSE]().float(), backbone.layers[0].attn.q_proj.weight.grad
+    flex_out, flex_grad = runs[FLEX]().float(), backbone.layers[0].attn.q_proj.weight.grad
     out_err = float((flex_out - dense_out).abs().max() / dense_out.abs().max())
     grad_err = f"{float((flex_grad - dense_grad).abs().max() / dense_grad.abs().max()):.1e}" if train else "n/a"
 
@@ -150,7 +170,7 @@ def main():
     ms = {name: 1000 * statistics.median(s) for name, s in samples.items()}
 
     build_ms = {}
-    for name in ("dense mask, SDPA", "block mask, FlexAttention"):
+    for name in (DENSE, FLEX):
         sync()
         start = time.perf_counter()
         for _ in range(3):
@@ -174,7 +194,7 @@ def main():
         f"{what}; conversations per row {docs_per_row}, padding {padding:.1%}; medians of {steps} steps"
     )
     for name in runs:
-        line = f"  {name:32s} {ms[name]:9.1f} ms/step  {ms['dense mask, SDPA'] / ms[name]:5.2f}× dense"
+        line = f"  {name:32s} {ms[name]:9.1f} ms/step  {ms[DENSE] / ms[name]:5.2f}× dense"
         if name in build_ms:
             line += f"  (mask build {build_ms[name]:.2f} ms)"
         if name in peaks:
@@ -183,14 +203,13 @@ def main():
             line += f"  kernel: {backends[name]}"
         print(line)
     print(f"  flex vs dense: max |Δ output| {out_err:.1e}, max |Δ grad q_proj[0]| {grad_err} (relative to max)")
-    dense_backend = backends.get("dense mask, SDPA", "n/a on cpu").split(" [")[0]
+    dense_backend = backends.get(DENSE, "n/a on cpu").split(" [")[0]
+    cpu_compiled = f"; compiled flex {ms[COMPILED]:.1f} ms = {ms[DENSE] / ms[COMPILED]:.2f}x" if not cuda else ""
     print(
         f"attention: {args.preset} {batch}x{args.seq_len} {args.dtype} {device.type}: dense-mask SDPA "
-        f"({dense_backend}) {ms['dense mask, SDPA']:.1f} ms, FlexAttention block mask "
-        f"{ms['block mask, FlexAttention']:.1f} ms = "
-        f"{ms['dense mask, SDPA'] / ms['block mask, FlexAttention']:.2f}x; causal floor "
-        f"{ms['causal, no mask (floor, wrong)']:.1f} ms; {'fwd+bwd' if train else 'fwd only'}; "
-        f"rel err out {out_err:.1e} grad {grad_err}"
+        f"({dense_backend}) {ms[DENSE]:.1f} ms, FlexAttention block mask {ms[FLEX]:.1f} ms = "
+        f"{ms[DENSE] / ms[FLEX]:.2f}x{cpu_compiled}; causal-only {ms[CAUSAL]:.1f} ms; "
+        f"{'fwd+bwd' if train else 'fwd only'}; rel err out {out_err:.1e} grad {grad_err}"
     )
 
 

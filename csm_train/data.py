@@ -270,9 +270,12 @@ def block_mask(doc_ids: torch.Tensor) -> BlockMask:
     (another conversation, the future) and which are full, so the kernel skips the first, computes the
     second unmasked, and evaluates the rule only on the tiles a document boundary or the diagonal cuts."""
     B, T = doc_ids.shape
+    # A kernel may evaluate the rule past T in a row's last, partial tile (those scores are discarded): pad the
+    # lookup to whole tiles so that such reads stay in bounds.
+    docs = torch.nn.functional.pad(doc_ids, (0, -T % 128), value=-1)
 
     def block_causal(b, h, q, kv):
-        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+        return (q >= kv) & (docs[b, q] == docs[b, kv])
 
     return create_block_mask(block_causal, B, None, T, T, device=doc_ids.device)
 
