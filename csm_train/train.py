@@ -218,7 +218,7 @@ def config_identity(cfg: DictConfig) -> dict:
         **_flat("model.lora", lora if lora.get("rank") else {"rank": 0}),
         "model.freeze": sorted(model.get("freeze") or []),
         "model.init_from": model.get("init_from"),
-        **_flat("tokenizer", OmegaConf.to_container(cfg.data.tokenizer, resolve=True)),
+        **_flat("tokenizer.config", OmegaConf.to_container(cfg.data.tokenizer, resolve=True)),
         "data.path": str(Path(cfg.data.path).resolve()),
         "data.holdout": cfg.data.get("holdout", 0.0),
         "seed": cfg.seed,
@@ -244,30 +244,50 @@ def dataset_identity(path: str | Path) -> dict:
     return identity
 
 
+# Text that tells tokenizers apart by what they do with it: speaker tags, cases, digits, punctuation, accents, scripts.
+TOKENIZER_PROBE = "[0]Hello, world! It's 3:45 p.m., 2024-06-01 — naïve café, Straße, Ωμέγα, Москва, 東京\n[1]ok?"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer by content: its vocabulary size, special ids and the ids of `TOKENIZER_PROBE` (the same
+    tokenizer from another path or the Hub matches; another vocabulary does not)."""
+    ids = [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, *tokenizer.encode(TOKENIZER_PROBE)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
 def run_identity(cfg: DictConfig, tokenizer, model_config: CSMConfig | None = None) -> dict:
     """`config_identity`, the model's shapes (`model_config`, else the preset's with the tokenizer's vocabulary, as
-    the module builds it), the tokenizer's vocabulary size and `dataset_identity`."""
+    the module builds it), the tokenizer's vocabulary size and fingerprint, and `dataset_identity`."""
     model_config = model_config or CSMConfig.preset(cfg.model.preset, text_vocab_size=tokenizer.vocab_size)
     architecture = {k: v for k, v in model_config.to_dict().items() if k != "activation_checkpointing"}
     return {
         **config_identity(cfg),
         **_flat("model.architecture", architecture),
         "tokenizer.vocab_size": tokenizer.vocab_size,
+        "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
         **dataset_identity(cfg.data.path),
     }
 
 
+# Compared by content where both sides know it: (content key, its group, the keys that only say where it came from)
+BY_CONTENT = (
+    ("dataset.manifest_sha256", "dataset.", "data.path"),
+    ("tokenizer.fingerprint", "tokenizer.", "tokenizer.config."),
+)
+
+
 def identity_differences(then: dict, now: dict) -> list[str]:
     """`key: then → now` for each setting both identities record and that differs. A key only one side has is not
-    compared (a run written before the key existed). A dataset is compared by content, not path: its path counts
-    only where a side does not know the content, and is shown beside a content difference. Architecture details
-    are left out when the preset differs (they follow from it)."""
-    by_content = "dataset.manifest_sha256" in then and "dataset.manifest_sha256" in now
-    differ = [k for k in now if k in then and then[k] != now[k] and not (k == "data.path" and by_content)]
+    compared (a run written before the key existed). The dataset and the tokenizer are compared by content
+    (`BY_CONTENT`): where they come from (a path, a Hub id) counts only where a side does not know the content, and
+    is shown beside a content difference. Architecture details are left out when the preset differs."""
+    differ = [k for k in now if k in then and then[k] != now[k]]
+    for content, group, where in BY_CONTENT:
+        if content in then and content in now:
+            same = not any(k.startswith(group) and not k.startswith(where) for k in differ)
+            differ = [k for k in differ if not (same and k.startswith(where))]
     if "model.preset" in differ:
         differ = [k for k in differ if not k.startswith("model.architecture.")]
-    if by_content and any(k.startswith("dataset.") for k in differ) and then.get("data.path") != now.get("data.path"):
-        differ.append("data.path")
     return [f"{k}: {then[k]} → {now[k]}" for k in differ]
 
 

@@ -110,7 +110,8 @@ def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forc
     tokenizer = ["data.tokenizer._target_=csm_train.tokenizer.load_tokenizer"]
     message = refused(*tokenizer, f"+data.tokenizer.name_or_path={tmp_path / 'tokenizer'}")
     vocab = len(hf_tokenizer)
-    assert "tokenizer._target_: csm_train.tokenizer.ByteTokenizer → csm_train.tokenizer.load_tokenizer" in message
+    assert "tokenizer.config._target_: csm_train.tokenizer.ByteTokenizer → csm_train.tokenizer.load_tok" in message
+    assert "tokenizer.fingerprint: " in message
     assert f"tokenizer.vocab_size: 258 → {vocab}" in message
     assert f"model.architecture.text_vocab_size: 258 → {vocab}" in message
 
@@ -125,6 +126,36 @@ def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forc
     assert trainer.global_step == 4
     assert str(other) in (run / "config.yaml").read_text()
     train(tiny(run, other, "trainer.max_steps=5"))  # and from then on, it is that run
+
+
+def test_a_dataset_or_tokenizer_is_the_same_wherever_it_lives(tmp_path, data, hf_tokenizer):
+    """Run identities compare the dataset and the tokenizer by content: a copy elsewhere (a Hub id then a local
+    directory) is the same run; another vocabulary of the same size is not."""
+    from csm_train.tokenizer import ByteTokenizer, load_tokenizer
+    from csm_train.train import identity_differences, run_identity
+
+    copy = tmp_path / "copy"
+    (copy / "shards").mkdir(parents=True)
+    for path in data.rglob("*"):
+        if path.is_file():
+            (copy / path.relative_to(data)).write_bytes(path.read_bytes())
+    for name in ("a", "b"):
+        hf_tokenizer.save_pretrained(tmp_path / name)
+
+    def identity(data_path, tokenizer_dir):
+        overrides = ["data.tokenizer._target_=csm_train.tokenizer.load_tokenizer"]
+        cfg = tiny(tmp_path / "run", data_path, *overrides, f"+data.tokenizer.name_or_path={tokenizer_dir}")
+        return run_identity(cfg, load_tokenizer(str(tokenizer_dir)))
+
+    assert identity_differences(identity(data, tmp_path / "a"), identity(copy, tmp_path / "b")) == []
+
+    class Shifted(ByteTokenizer):  # as many tokens, other ids
+        def encode(self, text):
+            return [(i + 1) % 256 for i in super().encode(text)]
+
+    then = run_identity(tiny(tmp_path / "run", data), ByteTokenizer())
+    differences = identity_differences(then, run_identity(tiny(tmp_path / "run", data), Shifted()))
+    assert [d.split(":")[0] for d in differences] == ["tokenizer.fingerprint"]
 
 
 def cli(run_dir, *overrides) -> subprocess.Popen:
