@@ -160,10 +160,25 @@ def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, 
     return concat_frames(parts), False
 
 
+def _key_hash(key: str) -> float:
+    """A sample's place in [0, 1): the same on every rank, run and resume."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+
+
 def held_out(key: str, fraction: float) -> bool:
-    """Whether a sample belongs to the validation split: a hash of its key, so the split is the same on every
-    rank, run and resume, and a sample never moves between the splits when others are added."""
-    return fraction > 0 and int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < fraction * 16**8
+    """Whether a sample's key hashes into the validation share: a sample never moves between the splits when
+    others are added."""
+    return fraction > 0 and _key_hash(key) < fraction
+
+
+def validation_keys(keys, fraction: float) -> set[str]:
+    """The validation split of a dataset: the keys `held_out` picks, or, in a set so small that it picks none
+    (a 5-minute voice is a few windows), the one key that hashes lowest, so that the set is still validated."""
+    keys = list(keys)
+    chosen = {key for key in keys if held_out(key, fraction)}
+    if fraction > 0 and keys and not chosen:
+        chosen = {min(keys, key=_key_hash)}
+    return chosen
 
 
 def split_frames(
@@ -172,8 +187,9 @@ def split_frames(
     """Every sample of one split as frames (read whole: for fine-tuning sets, not pre-training corpora); samples
     that cannot fit are skipped, as the training stream skips them."""
     frames, warnings = [], RateLimitedWarnings()
+    validation_split = validation_keys((row["key"] for row in read_manifest(path)), holdout)
     for key, raw in read_samples(path):
-        if held_out(key, holdout) != validation:
+        if (key in validation_split) != validation:
             continue
         try:
             frames.append(window_frames(read_window({"__key__": key, **raw}), tokenizer, num_codebooks, max_frames)[0])
@@ -298,7 +314,7 @@ class FrameStream(IterableDataset):
         holdout: float = 0.0,
         max_unusable_reads: int = MAX_UNUSABLE_READS,
     ):
-        """`holdout`: the share of samples kept out for validation (`held_out`); the stream never yields them.
+        """`holdout`: the share of samples kept out for validation (`validation_keys`); the stream never yields them.
         `max_unusable_reads`: samples read in a row without a trainable one before the stream stops with an
         error saying why (the model and the dataset do not fit each other)."""
         self.dataset_dir = Path(dataset_dir)
@@ -320,8 +336,12 @@ class FrameStream(IterableDataset):
         self.shards = sorted(self.shard_sizes)
         if not self.shards:
             raise ValueError(f"{self.dataset_dir}/manifest.jsonl lists no samples")
-        if holdout and all(held_out(row["key"], holdout) for row in manifest):
-            raise ValueError(f"data.holdout={holdout} holds out every sample of {self.dataset_dir}: lower it")
+        self.validation_split = validation_keys((row["key"] for row in manifest), holdout)
+        if holdout and len(self.validation_split) == len(manifest):
+            raise ValueError(
+                f"data.holdout={holdout} holds out all {len(manifest)} samples of {self.dataset_dir}: lower it, or "
+                f"set data.holdout=0 to train on every sample without validation"
+            )
 
     def _slot(self) -> tuple[int, int, int]:
         """(slot, number of slots, local worker id) of the calling worker."""
@@ -358,7 +378,7 @@ class FrameStream(IterableDataset):
                     index += self.shard_sizes[shard]
                     continue
                 for raw in iter_shard(self.dataset_dir / "shards" / shard):
-                    if index >= skip and (epoch, index) not in done and not held_out(raw["__key__"], self.holdout):
+                    if index >= skip and (epoch, index) not in done and raw["__key__"] not in self.validation_split:
                         yield (epoch, index), self._window(raw)
                     index += 1
             epoch, skip = epoch + 1, 0

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from omegaconf import DictConfig, OmegaConf
 
 from csm_train.checkpoint import StepCheckpoints, last_checkpoint
+from csm_train.console import StepProgress, quiet_libraries
 from csm_train.data import positions_per_epoch
 from csm_train.model import CSMConfig
 from csm_train.module import CSMDataModule, CSMModule
@@ -350,11 +351,17 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, identity: 
 
 
 def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | None:
+    quiet_libraries()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     if cfg.dry_run:
         print_plan(cfg)
         return None
+    if cfg.fine_tuning and not cfg.model.init_from:
+        raise ValueError(
+            f"+experiment={cfg.experiment} fine-tunes existing weights: name them with model.init_from=… "
+            f"(sesame/csm-1b, a local checkpoint, or one of your run directories)"
+        )
     # The tokenizer's vocabulary sizes the model's text embeddings; the model's codebook count the data.
     tokenizer = hydra.utils.instantiate(cfg.data.tokenizer)
     check_dataset(cfg)
@@ -369,6 +376,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
     callbacks = [
         preemption,
         checkpoints,
+        StepProgress(),
         LearningRateMonitor(logging_interval="step"),
         Throughput(device_peak_flops(cfg.peak_flops)),
         *extra_callbacks,
@@ -383,8 +391,14 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
 
         settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
         callbacks.append(EvaluateEvery(out_dir=run_dir / "eval", **settings))
+    # Without a validation split there is nothing to validate: no loop, not an empty one (Lightning warns on it).
+    no_validation = {} if cfg.data.holdout else {"limit_val_batches": 0}
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=hydra.utils.instantiate(cfg.logger), default_root_dir=run_dir
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=hydra.utils.instantiate(cfg.logger),
+        default_root_dir=run_dir,
+        **no_validation,
     )
     if trainer.is_global_zero:
         datamodule.prepare_data()  # the synthetic corpus, if it is to be written: the run's identity names it

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from csm_train import CSM, CSMConfig
 from csm_train.tokenizer import ByteTokenizer
@@ -30,11 +29,6 @@ BYTE_TOKENIZER = ["data.tokenizer._target_=csm_train.tokenizer.ByteTokenizer", "
 def composed(experiment: str, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=[f"+experiment={experiment}", *overrides])
-
-
-def is_finetune(cfg) -> bool:
-    """The fine-tuning recipes leave model.init_from for the user to fill in."""
-    return OmegaConf.is_missing(cfg.model, "init_from")
 
 
 def is_deepspeed(cfg) -> bool:
@@ -85,7 +79,7 @@ def test_experiment_trains_as_shipped(experiment, corpus, voice, start, tmp_path
     shrink = ["model.preset=tiny", "trainer.accelerator=cpu", f"trainer.devices={n}", "trainer.log_every_n_steps=1"]
     if "name_or_path" in shipped.data.tokenizer:  # Llama-3.2's tokenizer is on the Hub
         shrink += BYTE_TOKENIZER
-    if is_finetune(shipped):
+    if shipped.fine_tuning:
         # Its own data settings (batch, workers, validation split, epochs → steps) on one shard of one voice.
         shrink += [f"data.path={voice}", f"model.init_from={start}"]
     else:

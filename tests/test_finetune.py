@@ -62,6 +62,13 @@ def data(tmp_path_factory):
     return tmp_path_factory.mktemp("finetune") / "synthetic"
 
 
+def test_a_recipe_without_weights_to_start_from_is_refused(tmp_path):
+    cfg = config("+experiment=finetune_voice", "data.path=/data/x", f"run_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"finetune_voice fine-tunes existing weights: .*model.init_from="):
+        train(cfg)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_compose_with_the_practice_settings(recipe):
     cfg = config(f"+experiment={recipe}", "model.init_from=/models/csm-1b", "data.path=/data/x")
