@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -270,3 +271,45 @@ def test_nonfinite_losses_in_a_row_stop_every_ddp_rank_with_the_reason(tmp_path,
     assert result.returncode != 0
     out = result.stdout + result.stderr
     assert "loss was nan for 2 steps in a row (step 2)" in out and "lower optim.lr" in out
+
+
+# Lightning turns `precision=16-mixed` into bf16-mixed on a CPU; its fp16 plugin with a CPU loss scaler, given
+# directly, is the same code path a GPU's 16-mixed takes (bench/gpu_check.sh runs bf16-mixed on a GPU).
+FP16_ON_CPU = [
+    "trainer.precision=null",
+    "+trainer.plugins=[{_target_: lightning.pytorch.plugins.precision.MixedPrecision, precision: 16-mixed, "
+    "device: cpu, scaler: {_target_: torch.amp.GradScaler, device: cpu}}]",
+]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_clips_gradients_and_steps(precision, tmp_path, demo_data):
+    """Both mixed precisions train with clipping at 1.0 and fp32 master weights and AdamW states: bf16-mixed with the
+    fused AdamW (Lightning refused that pair), 16-mixed with its loss scaler and the foreach AdamW."""
+    cfg = config(
+        "+experiment=tiny",
+        f"run_dir={tmp_path}",
+        f"data.path={demo_data}",
+        *(FP16_ON_CPU if precision == "16-mixed" else [f"trainer.precision={precision}"]),
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "data.max_seq_len=128",
+        "model.optim.warmup_steps=1",
+    )
+    trainer = train(cfg)
+    assert trainer.precision == precision
+    scaler = trainer.precision_plugin.scaler  # fp16 scales the loss (2**16 to start); bf16 needs no scale
+    assert (scaler.get_scale() >= 2**15) if precision == "16-mixed" else scaler is None
+    optimizer = trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is (precision == "bf16-mixed") and cfg.trainer.gradient_clip_val == 1.0
+    assert trainer.global_step == 2 and all(math.isfinite(float(row["train/loss"])) for row in metrics(tmp_path))
+    assert all(p.dtype == torch.float32 for p in trainer.lightning_module.parameters())
+    assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
+def test_precisions_that_train_badly_are_refused_before_a_step(precision, tmp_path, demo_data):
+    cfg = config("+experiment=tiny", f"run_dir={tmp_path}", f"data.path={demo_data}", f"trainer.precision={precision}")
+    with pytest.raises(ValueError, match=rf"trainer.precision={precision} .*use bf16-mixed"):
+        train(cfg)
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
