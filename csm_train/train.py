@@ -311,18 +311,17 @@ def _write_atomically(path: Path, text: str) -> None:
 def check_run_dir(cfg: DictConfig, run_dir: Path, identity: dict) -> list[str]:
     """Refuse a run directory that holds a different run (`identity_differences`) unless `resume=force`; returns
     the differences `resume=force` accepted. Reads only: every rank may call it, before anything is built."""
-    force = cfg.get("resume") or "auto"
+    force = cfg.resume
     if force not in ("auto", "force"):
-        raise ValueError(f"resume={force}: leave it unset (resume when the run is the same) or set resume=force")
+        raise ValueError(f"resume={force}: use auto (resume when the run is the same) or force")
     then = previous_identity(run_dir)
     differences = identity_differences(then, identity) if then is not None else []
     if differences and force != "force":
-        override = "resume=force" if "resume" in cfg else "+resume=force"
         raise RunDirectoryError(
             f"run directory {run_dir} holds a different run, so this one does not resume it (then → now):\n"
             + "".join(f"  {d}\n" for d in differences)
-            + f"Start a new run beside it with run_id=NAME (or another run_dir=), or resume it with these settings "
-            f"anyway with {override} (its checkpoint must still fit the model)."
+            + "Start a new run beside it with run_id=NAME (or another run_dir=), or resume it with these settings "
+            "anyway with resume=force (its checkpoint must still fit the model)."
         )
     return differences
 
@@ -372,7 +371,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         cfg.data, tokenizer=tokenizer, num_codebooks=module.config.num_codebooks
     )
     checkpoints = StepCheckpoints(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep)
-    preemption = Preemption(checkpoints, grace_s=cfg.get("stop_grace_s"))
+    preemption = Preemption(checkpoints, grace_s=cfg.stop_grace_s)
     callbacks = [
         preemption,
         checkpoints,

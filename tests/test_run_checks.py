@@ -102,7 +102,7 @@ def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forc
             train(tiny(run, data, *overrides))
         assert (run / "config.yaml").read_text() == config_yaml  # unchanged
         message = str(error.value)
-        assert "run_id=NAME" in message and "+resume=force" in message
+        assert "run_id=NAME" in message and "resume=force" in message
         return message
 
     assert "model.preset: tiny → 100m" in refused("model.preset=100m")
@@ -122,7 +122,7 @@ def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forc
     assert "seed: 0 → 1" in refused("seed=1")
 
     # Deliberately: the same run continues on the other dataset from its checkpoint at step 2.
-    trainer = train(tiny(run, other, "+resume=force", "trainer.max_steps=4", "checkpoint.every_n_steps=4"))
+    trainer = train(tiny(run, other, "resume=force", "trainer.max_steps=4", "checkpoint.every_n_steps=4"))
     assert trainer.global_step == 4
     assert str(other) in (run / "config.yaml").read_text()
     train(tiny(run, other, "trainer.max_steps=5"))  # and from then on, it is that run
@@ -228,7 +228,7 @@ def test_a_run_that_is_not_stepping_stops_on_sigterm_after_a_grace_period_or_at_
     announced = "saving a checkpoint at the next optimizer step, then stopping"
 
     # One SIGTERM: the run waits its grace period (3 s) for a step to save at, then exits unsaved, saying why.
-    run, writer = start_hung_run(tmp_path, hung, "a", "+stop_grace_s=3")
+    run, writer = start_hung_run(tmp_path, hung, "a", "stop_grace_s=3")
     run.send_signal(signal.SIGTERM)
     signalled = time.time()
     out, _ = run.communicate(timeout=60)
@@ -238,7 +238,7 @@ def test_a_run_that_is_not_stepping_stops_on_sigterm_after_a_grace_period_or_at_
     assert "exiting without saving" in out and time.time() - signalled < 30
 
     # SIGINT, then SIGINT again: the second exits at once, however long the grace period.
-    run, writer = start_hung_run(tmp_path, hung, "b", "+stop_grace_s=600")
+    run, writer = start_hung_run(tmp_path, hung, "b", "stop_grace_s=600")
     run.send_signal(signal.SIGINT)
     time.sleep(1)
     run.send_signal(signal.SIGINT)
