@@ -1,4 +1,5 @@
-"""What a training run prints: one progress line of optimizer steps, our summary lines, and real warnings.
+"""What a run prints (training; eval's CLI shares the quieting): one progress line of optimizer steps, our summary
+lines, and real warnings.
 
 Lightning's own bar counts batches of epochs (`Epoch 0/-2` on a stream that never ends one), and the libraries print
 start-up chatter (device lines, a logging-service advertisement, deprecation notices about their own internals)
@@ -7,14 +8,17 @@ that says nothing about the run. Each silenced message is named below; anything 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
 # Lightning's informational lines (device availability, seeding, "Trainer.fit stopped", tips to install its cloud
-# loggers): the run prints its own directory, resume point and final step instead. Its warnings stay.
-CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")
+# loggers): the run prints its own directory, resume point and final step instead; faster-whisper's line per
+# transcribed clip (eval's judge). Their warnings stay.
+CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "faster_whisper")
 
 # Warnings about the libraries' internals, or about choices this project made on purpose.
 EXPECTED_WARNINGS = (
@@ -27,6 +31,8 @@ EXPECTED_WARNINGS = (
 
 
 def quiet_libraries() -> None:
+    if not torch.cuda.is_available():  # else DeepSpeed, imported by Lightning or transformers, warns it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in EXPECTED_WARNINGS:

@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from csm_train.console import quiet_libraries
 from eval.run import evaluate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "eval")
@@ -12,6 +13,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "eval")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_libraries()
     evaluate(cfg)
 
 
