@@ -27,6 +27,11 @@ EXPECTED_WARNINGS = (
     # Our configure_gradient_clipping lets bf16-mixed clip with a fused AdamW; DeepSpeed clips by its own config
     # (gradient_clipping, which Lightning fills from trainer.gradient_clip_val).
     r"Since DeepSpeed handles gradient clipping internally",
+    # A resumed run reuses its directory by design (csm_train/train.py checks it holds the same run) with the
+    # callbacks that wrote the checkpoint.
+    r"Checkpoint directory .* exists and is not empty",
+    r"Experiment logs directory .* exists and is not empty",
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
 )
 
 
