@@ -16,7 +16,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from csm_train.train import RunDirectoryError, train
+from csm_train.run_dir import RunDirectoryError
+from csm_train.train import train
 from data_pipeline.synthetic import write_synthetic_corpus
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -131,8 +132,8 @@ def test_a_resume_with_another_model_tokenizer_or_dataset_is_refused_unless_forc
 def test_a_dataset_or_tokenizer_is_the_same_wherever_it_lives(tmp_path, data, hf_tokenizer):
     """Run identities compare the dataset and the tokenizer by content: a copy elsewhere (a Hub id then a local
     directory) is the same run; another vocabulary of the same size is not."""
+    from csm_train.run_dir import identity_differences, run_identity
     from csm_train.tokenizer import ByteTokenizer, load_tokenizer
-    from csm_train.train import identity_differences, run_identity
 
     copy = tmp_path / "copy"
     (copy / "shards").mkdir(parents=True)
