@@ -1,6 +1,7 @@
 """`python -m csm_train` through `tests/cpu_launch.py` (DeepSpeed's strategy on CPU), recording on every rank,
 after the last step, the live weights (gathered from their ZeRO-3 shards) and each logged gradient norm into
-`run_dir/live-rank{R}.pt`. Lightning re-launches this script for rank 1.
+`run_dir/live-rank{R}.pt`. With `+poison.rank=R '+poison.steps=[S,…]'`, that rank's loss is NaN at those steps and
+every rank records its steps as tests/nan_probe.py does. Lightning re-launches this script for rank 1.
 
 usage: python tests/deepspeed_probe.py OVERRIDES…"""
 
@@ -11,6 +12,7 @@ import deepspeed
 import hydra
 import lightning as L
 import torch
+from nan_probe import PoisonAndRecord
 from omegaconf import DictConfig
 
 from csm_train.__main__ import CONFIG_DIR
@@ -34,9 +36,13 @@ class LiveWeights(L.Callback):
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     live = LiveWeights()
-    trainer = train(cfg, extra_callbacks=[live])
+    poison = PoisonAndRecord(cfg.poison.rank, list(cfg.poison.steps)) if "poison" in cfg else None
+    trainer = train(cfg, extra_callbacks=[live, *([poison] if poison else [])])
     out = Path(cfg.run_dir) / f"live-rank{trainer.global_rank}.pt"
-    torch.save({"weights": live.weights, "grad_norms": live.grad_norms, "step": trainer.global_step}, out)
+    steps = poison.records if poison else []
+    torch.save(
+        {"weights": live.weights, "grad_norms": live.grad_norms, "step": trainer.global_step, "steps": steps}, out
+    )
 
 
 if __name__ == "__main__":

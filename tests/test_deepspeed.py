@@ -28,14 +28,14 @@ def dataset(tmp_path_factory):
     return path
 
 
-def probe(trainer: str, run_dir: Path, dataset: Path, max_steps: int = STEPS) -> dict:
+def probe(trainer: str, run_dir: Path, dataset: Path, *overrides: str) -> dict:
     """`tests/deepspeed_probe.py`: the tiny experiment on `trainer`, 2 ranks; rank 0's live weights at the end."""
     args = [
         "+experiment=tiny",
         f"trainer={trainer}",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        f"trainer.max_steps={max_steps}",
+        f"trainer.max_steps={STEPS}",
         "trainer.log_every_n_steps=1",
         f"model.optim.max_steps={STEPS}",
         "model.optim.warmup_steps=1",
@@ -43,6 +43,7 @@ def probe(trainer: str, run_dir: Path, dataset: Path, max_steps: int = STEPS) ->
         "data.max_seq_len=256",
         "checkpoint.every_n_steps=2",
         f"run_dir={run_dir}",
+        *overrides,
     ]
     done = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -102,3 +103,17 @@ def test_zero_stage_trains_like_ddp_resumes_exactly_and_consolidates(stage, data
     for name, tensor in run["weights"].items():
         assert consolidated[name].dtype == torch.float32
         assert torch.equal(consolidated[name].to(tensor.dtype), tensor), name
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_skips_the_zero_step_on_every_rank(dataset, tmp_path):
+    """Rank 1 alone sees a NaN loss at step 1: DeepSpeed finds the non-finite gradients in its partitions and skips
+    the step on both ranks (weights unchanged), the step still counts, and training goes on after it."""
+    run = probe("deepspeed_z2", tmp_path, dataset, "+poison.rank=1", "+poison.steps=[1]")
+    steps = {r["step"]: r for r in run["steps"]}
+    assert sorted(steps) == [1, 2, 3] and [steps[s]["skipped"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert steps[2]["weights"] == steps[1]["weights"] != steps[3]["weights"]
+    other = torch.load(tmp_path / "live-rank1.pt", weights_only=True)["steps"]  # each rank holds its own moments
+    assert [(r["step"], r["weights"], r["skipped"]) for r in other] == [
+        (r["step"], r["weights"], r["skipped"]) for r in run["steps"]
+    ]
