@@ -100,6 +100,11 @@ def check_codec(codec: dict, num_codebooks: int) -> list[str]:
     return problems
 
 
+# Every tar member's modification time: fixed, so that the same windows make the same shard bytes on every run
+# (checksums, rsync and dataset hashes see an unchanged dataset), where the wall clock would differ per run.
+SHARD_MTIME = 0.0
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -130,7 +135,7 @@ class ShardWriter:
     def write(self, window: Window) -> None:
         check_window(window, self.num_codebooks)
         if self._tar is None:
-            self._tar = wds.TarWriter(str(self._partial_path()))
+            self._tar = wds.TarWriter(str(self._partial_path()), mtime=SHARD_MTIME)
         meta = {"codec": self.codec, **window.meta}
         self._tar.write(
             {

@@ -2,6 +2,7 @@
 out, parts that merge into the single-process result, and byte-identical output after a crash."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -94,7 +95,12 @@ def test_a_crash_mid_run_resumes_to_identical_bytes(corpus, encoder, tmp_path):
     talks = [p for p in pipeline.inputs if p.stem.startswith("talk_")]
     pipeline.process(talks[0])  # one input finished; the process died writing the next one's codes:
     (tmp_path / "crashed" / "work" / "talk_1.npz.tmp").write_bytes(b"torn write")
+    time.sleep(1.1)  # a later second on the wall clock: a shard stamped with it would differ in bytes
     assert contents_after_rerun(corpus, tmp_path / "crashed", encoder) == contents(tmp_path / "clean")
+    shards = {run: sorted((tmp_path / run / "shards").glob("*.tar")) for run in ("clean", "crashed")}
+    assert [p.name for p in shards["clean"]] == [p.name for p in shards["crashed"]]
+    for clean, crashed in zip(shards["clean"], shards["crashed"], strict=True):  # byte-stable, tar headers too
+        assert clean.read_bytes() == crashed.read_bytes(), clean.name
 
 
 def contents_after_rerun(corpus, out, encoder):
