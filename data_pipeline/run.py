@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.audio import SAMPLE_RATE, AudioError, discover, load_audio, source_id
+from data_pipeline.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, discover, load_audio, source_id
 from data_pipeline.codec import SAMPLES_PER_FRAME
 from data_pipeline.quality import QualityFilter
 from data_pipeline.shards import ShardWriter, Window, sample_key
@@ -78,7 +78,8 @@ class UnexpectedError(RuntimeError):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # The temp name carries the pid: two processes writing the same file never share (or delete) a temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -97,6 +98,11 @@ class Pipeline:
         self.root, self.out = Path(config.input_dir), Path(config.output_dir)
         self.work = self.out / "work"
         self.inputs = discover(self.root)
+        if not self.inputs:
+            raise ValueError(
+                f"input_dir={self.root} holds no audio file ({', '.join(sorted(AUDIO_EXTENSIONS))}): point it at "
+                f"the folder of recordings"
+            )
         self._claim_work_dir()
 
     def _claim_work_dir(self) -> None:
@@ -206,6 +212,8 @@ class Pipeline:
         card = writer.close()
         card.update(
             {k: counts[k] for k in CARD_COUNTS},
+            part=part,
+            num_parts=self.config.num_parts,  # merge checks that every part was cut the same way
             failed=len(failures),
             rejected=dict(sorted(rejected.items())),
             config_hash=self.config.config_hash(),
@@ -246,6 +254,27 @@ class Pipeline:
         return {stage: {"seconds": t, "x_real_time": audio / t if t else None} for stage, t in seconds.items()}
 
 
+def check_parts(out: Path, num_parts: int) -> None:
+    """Every part 0..num_parts-1 finished, each cut from the inputs into num_parts, and no other part on disk:
+    a merge with the wrong count would silently leave recordings out or mix two splits."""
+    on_disk = {int(p.name.split("-")[1]) for p in (out / "parts").glob("part-*") if p.is_dir()}
+    problems = []
+    if on_disk - set(range(num_parts)):
+        problems.append(f"parts {sorted(on_disk - set(range(num_parts)))} exist beyond num_parts={num_parts}")
+    for part in range(num_parts):
+        card = out / "parts" / f"part-{part:04d}" / "dataset.json"
+        if not card.exists():
+            problems.append(f"part {part} has not finished (no {card.relative_to(out)}): run it")
+        elif json.loads(card.read_text()).get("num_parts", num_parts) != num_parts:
+            split = json.loads(card.read_text())["num_parts"]
+            problems.append(f"part {part} was cut for num_parts={split}: run it again with num_parts={num_parts}")
+    if problems:
+        raise ValueError(
+            f"cannot merge {out} with num_parts={num_parts}: " + "; ".join(problems) + ". Merge with the num_parts "
+            "the parts were run with, or run the missing parts first"
+        )
+
+
 def merge(output_dir: str | Path, num_parts: int) -> dict:
     """Link the parts' shards into `shards/` and combine manifests, cards and failures."""
     out = Path(output_dir)
@@ -253,11 +282,10 @@ def merge(output_dir: str | Path, num_parts: int) -> dict:
     if shard_dir.exists():
         shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True)
+    check_parts(out, num_parts)
     rows, failures, cards = [], [], []
     for part in range(num_parts):
         part_dir = out / "parts" / f"part-{part:04d}"
-        if not (part_dir / "dataset.json").exists():
-            raise FileNotFoundError(f"{part_dir} is incomplete: run part {part} again, then merge")
         for shard in sorted((part_dir / "shards").glob("*.tar")):
             os.link(shard, shard_dir / f"part-{part:04d}-{shard.name}")
         for line in (part_dir / "manifest.jsonl").read_text().splitlines():

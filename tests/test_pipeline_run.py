@@ -94,7 +94,7 @@ def test_a_crash_mid_run_resumes_to_identical_bytes(corpus, encoder, tmp_path):
     pipeline = Pipeline(config, encoder, SidecarTranscripts())
     talks = [p for p in pipeline.inputs if p.stem.startswith("talk_")]
     pipeline.process(talks[0])  # one input finished; the process died writing the next one's codes:
-    (tmp_path / "crashed" / "work" / "talk_1.npz.tmp").write_bytes(b"torn write")
+    (tmp_path / "crashed" / "work" / "talk_1.npz.4242.tmp").write_bytes(b"torn write")
     time.sleep(1.1)  # a later second on the wall clock: a shard stamped with it would differ in bytes
     assert contents_after_rerun(corpus, tmp_path / "crashed", encoder) == contents(tmp_path / "clean")
     shards = {run: sorted((tmp_path / run / "shards").glob("*.tar")) for run in ("clean", "crashed")}
@@ -147,3 +147,21 @@ def test_an_unexpected_error_is_recorded_and_retried_by_the_next_run(corpus, enc
     pipeline.run_part(0, progress=False)  # retried, unlike bad audio
     failures = (tmp_path / "parts" / "part-0000" / "failures.jsonl").read_text()
     assert "talk_1" not in failures
+
+
+def test_merge_refuses_a_wrong_part_count_and_unfinished_parts(corpus, encoder, tmp_path):
+    """A merge with another num_parts than the parts were cut with would leave recordings out or mix two splits."""
+    run(corpus, tmp_path, encoder, num_parts=3)
+    with pytest.raises(ValueError, match=r"num_parts=2: parts \[2\] exist beyond num_parts=2.*part 0 was cut for"):
+        merge(tmp_path, 2)
+    with pytest.raises(ValueError, match=r"part 3 has not finished.*run it"):
+        merge(tmp_path, 4)
+    assert merge(tmp_path, 3)["recordings"] == 4
+
+
+def test_an_input_dir_without_audio_is_an_error(encoder, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no audio here")
+    with pytest.raises(ValueError, match=r"input_dir=.*in holds no audio file \(.*\.wav.*\): point it at"):
+        Pipeline(PipelineConfig(str(tmp_path / "in"), str(tmp_path / "out")), encoder, SidecarTranscripts())
+    assert not (tmp_path / "out").exists()
