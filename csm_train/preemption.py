@@ -13,7 +13,10 @@
   (128 + the signal), saying why; a second stop signal exits at once. Either way the last checkpoint stays.
 
 The handlers are installed when the fit starts (Lightning's own SIGTERM handler, registered a moment later, calls
-them after its own until training starts; from then on they replace it) and removed when it ends.
+them after its own until training starts; from then on they replace it) and removed when it ends. The grace period
+and the second signal are watched by a thread reading the signal module's wakeup pipe, not by the Python-level
+handler: that one runs only when the main thread next runs Python code, and a main thread stuck in a read (a hung
+file system) never does when the kernel delivers the signal to another of the process's threads.
 
 Why not Lightning's own SLURM handler: it saves from inside the signal handler, i.e. in the middle of whatever
 the step was doing (under DDP possibly inside a collective), and writes `hpc_ckpt_N.ckpt` beside the run's
@@ -37,6 +40,18 @@ from csm_train.checkpoint import StepCheckpoints
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)  # the job should come back: save and requeue
 STOPS = (signal.SIGTERM, signal.SIGINT)  # the scheduler or the user is ending the run: save
 GRACE_S = 60.0  # the least time a stop signal waits for an optimizer step to save at
+
+
+def _no_wakeup_in_forked_child() -> None:
+    """A forked dataloader worker must not write its own signals into the trainer's wakeup pipe (scancel signals
+    every process of the job: the watcher would count the worker's SIGTERM as a second one)."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from another thread than the main one: Python keeps no wakeup fd there
+        pass
+
+
+os.register_at_fork(after_in_child=_no_wakeup_in_forked_child)
 
 
 def _say(message: str) -> None:
@@ -69,6 +84,7 @@ class Preemption(L.Callback):
         self._step_time = 0.0  # when the last optimizer step ended
         self._longest_step = 0.0  # the longest time between two optimizer steps so far
         self._deadline: threading.Timer | None = None  # armed by the first stop signal
+        self._wakeup: tuple[int, int, int] | None = None  # the watcher's pipe (read, write) and the previous fd
 
     def grace(self) -> float:
         if self.grace_s is not None:
@@ -76,6 +92,7 @@ class Preemption(L.Callback):
         return max(GRACE_S, 2 * self._longest_step)
 
     def _record(self, signum, frame) -> None:
+        """The Python-level handler (main thread): which signal to save for at the next step."""
         if os.getpid() != self._pid:
             return  # a dataloader worker forked with these handlers: its process follows the trainer's
         if not self._active:  # after the fit, if Lightning put this handler back: what was there before
@@ -86,23 +103,32 @@ class Preemption(L.Callback):
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
             return
-        received = signal.Signals(signum)
-        if received in STOPS and self._deadline is not None:
-            self._give_up(f"a second stop signal ({received.name})", 128 + signum)
-        self._received = received
-        if received in STOPS:
-            grace = self.grace()
-            _say(
-                f"{received.name}: saving a checkpoint at the next optimizer step, then stopping (without a step "
-                f"within {grace:.0f} s the run exits unsaved; a second SIGTERM or SIGINT exits at once)"
-            )
-            why = f"no optimizer step within {grace:.0f} s of {received.name}: the run is not stepping"
-            self._deadline = threading.Timer(grace, self._give_up, args=(why, 128 + signum))
-            self._deadline.daemon = True
-            self._deadline.start()
+        self._received = self._received or signal.Signals(signum)
+
+    def _watch(self, wakeup: int) -> None:
+        """The watcher thread: every signal the process receives arrives here as a byte, whichever thread the
+        kernel delivered it to; a stop signal arms the grace period, a second one exits."""
+        while data := os.read(wakeup, 64):
+            for signum in data:
+                if self._active and signum in STOPS:
+                    self._stop_signal(signal.Signals(signum))
+
+    def _stop_signal(self, received: signal.Signals) -> None:
+        if self._deadline is not None:
+            self._give_up(f"a second stop signal ({received.name})", 128 + received)
+        self._received = self._received or received
+        grace = self.grace()
+        _say(
+            f"{received.name}: saving a checkpoint at the next optimizer step, then stopping (without a step "
+            f"within {grace:.0f} s the run exits unsaved; a second SIGTERM or SIGINT exits at once)"
+        )
+        why = f"no optimizer step within {grace:.0f} s of {received.name}: the run is not stepping"
+        self._deadline = threading.Timer(grace, self._give_up, args=(why, 128 + received))
+        self._deadline.daemon = True
+        self._deadline.start()
 
     def _give_up(self, reason: str, status: int) -> None:
-        """Exit now, without a checkpoint (from the timer's thread or a signal handler)."""
+        """Exit now, without a checkpoint (from the timer's or the watcher's thread)."""
         last = self.checkpoints.last_model_path
         resume = f"the last checkpoint is {last}: run again to resume from it" if last else "no checkpoint yet"
         _say(f"{reason}; exiting without saving ({resume})")
@@ -121,12 +147,22 @@ class Preemption(L.Callback):
         for signum in WARNINGS + STOPS:
             previous = signal.signal(signum, self._record)
             self._originals.setdefault(signum, previous)
+        if self._wakeup is None:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wakeup = (read, write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(read,), name="stop-signal-watcher", daemon=True).start()
 
     def _uninstall(self) -> None:
         if self._active:
             for signum, handler in self._originals.items():
                 signal.signal(signum, handler)
             self._active = False
+        if self._wakeup is not None:
+            read, write, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the watcher's read ends, and with it the thread (it closes its end)
+            self._wakeup = None
         self._disarm()
 
     def setup(self, trainer, module, stage) -> None:
