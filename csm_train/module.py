@@ -396,14 +396,10 @@ class CSMDataModule(L.LightningDataModule):
 
     def workers(self, stream: FrameStream) -> int:
         """`num_workers`, or fewer where the shards cannot feed that many: each worker of each rank reads its own
-        shards (csm_train/data.py), and a 5-minute fine-tuning set is a single shard."""
+        shards (csm_train/data.py), and a 5-minute fine-tuning set is a single shard. Fewer shards than ranks is
+        the stream's own error (`FrameStream._slot`)."""
         per_rank = len(stream.shards) // stream.world_size
-        if per_rank < 1:
-            raise ValueError(
-                f"{len(stream.shards)} shard(s) in {self.path} cannot feed {stream.world_size} ranks without sharing: "
-                f"write the dataset with more shards (data_pipeline samples_per_shard=…) or train on fewer devices"
-            )
-        if self.num_workers > per_rank:
+        if self.num_workers > per_rank > 0:
             if stream.rank == 0:
                 log.info("data.num_workers=%d → %d: %d shard(s) per rank", self.num_workers, per_rank, per_rank)
             return per_rank
