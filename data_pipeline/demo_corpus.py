@@ -34,7 +34,7 @@ import io
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -42,6 +42,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 from omegaconf import DictConfig
+from scipy import signal
 from tqdm import tqdm
 
 from data_pipeline.shards import MIMI_SAMPLE_RATE
@@ -49,7 +50,7 @@ from data_pipeline.shards import MIMI_SAMPLE_RATE
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "pipeline")
 SAMPLE_RATE = MIMI_SAMPLE_RATE  # conversations are assembled at 24 kHz; truth times are in seconds
 VOICES = ("en+edward", "en-us+m3", "en-us+f3", "en+Hugo", "en+steph", "en+quincy")
-SPEAKERS = "ABC"
+SPEAKERS = "ABCD"
 # Plain everyday sentences, 6–12 common words, no numbers or abbreviations: what tiny.en transcribes well.
 # Phrases it often misheard from espeak ("might rain" → "my train", "stories at parties" → "story that part
 # is", "tonight" → "to night") were replaced.
@@ -97,6 +98,55 @@ SENTENCES = (
 )
 TURN_PEAK = 0.5  # every turn is scaled to this peak: equal levels, no clipping after resampling
 TRIM_DB = -40.0  # a turn's voiced extent: from the first to the last sample this far below its peak
+# Back-channels: truth text → what espeak-ng is given. tiny.en hears espeak's "mm hmm" as "and then them";
+# as phonemes it comes out as "Mm-hmm" (or nothing). Whisper's normaliser drops "mm-hmm" from both sides.
+# "Yeah" is left out: tiny.en hears espeak's as "Yes" for four of the six voices.
+BACKCHANNELS = {
+    "Mm-hmm.": "[[m'hm]]",
+    "Uh-huh.": "uh-huh.",
+    "Right.": "right",
+    "Okay.": "okay",
+    "Sure.": "sure",
+    "Yes.": "yes",
+}
+MIN_SELF_GAP = 0.2  # seconds: a speaker's next turn starts at least this long after their last one ends
+SECONDS_PER_TURN = 3.0  # a sentence turn and its pause, on average: how long_seconds becomes a turn count
+TELEPHONE_RATE = 8_000
+TELEPHONE_BAND = signal.butter(4, (300, 3400), btype="bandpass", fs=TELEPHONE_RATE, output="sos")
+PEAK_LIMIT = 0.9  # a mix louder than this (overlaps, noise) is scaled down as a whole
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a corpus's conversations are like. The defaults are the default corpus: 2–3 speakers taking turns
+    with clear pauses, at one level, studio-clean. `HARD` adds what real conversations have."""
+
+    speakers: tuple[int, int] = (2, 3)  # per conversation, both ends included
+    turns: tuple[int, int] = (4, 8)  # sentence turns per conversation, both ends included
+    pause: tuple[float, float] = (0.3, 0.9)  # seconds from one turn's end to the next's start
+    overlapped: float = 0.0  # share of sentence turns that start before the previous one ends ...
+    overlap: tuple[float, float] = (0.2, 1.5)  # ... by this many seconds (at most half the previous turn)
+    quick: float = 0.0  # share of sentence turns that follow after a short gap ...
+    quick_gap: tuple[float, float] = (0.0, 0.3)  # ... of this many seconds
+    backchannels: float = 0.0  # chance that a listener answers a sentence turn with a back-channel ...
+    during: float = 0.5  # ... said over it (the others fill the pause after it)
+    loudness_db: float = 0.0  # speakers' levels spread over this many dB, each speaker at one level
+    telephone: float = 0.0  # share of recordings sent through a telephone channel (300–3400 Hz, 8 kHz)
+    snr_db: tuple[float, float] | None = None  # pink background noise at a speech-to-noise ratio in this range
+    long_seconds: float = 0.0  # > 0: conversation 0 runs on, with more sentence turns, to about this long
+
+
+HARD = Style(
+    speakers=(2, 4),
+    turns=(6, 10),
+    overlapped=0.3,
+    quick=0.3,
+    backchannels=0.35,
+    loudness_db=12.0,
+    telephone=0.5,
+    snr_db=(15.0, 30.0),
+)
+STYLES = {"default": Style(), "hard": HARD}
 
 
 @dataclass(frozen=True)
@@ -144,49 +194,120 @@ def speak(text: str, voice: str, speed: int) -> np.ndarray:
     return (audio * (TURN_PEAK / np.abs(audio).max())).astype(np.float32)
 
 
-def plan_conversation(seed: int, index: int) -> dict:
-    """Speakers, voices, lines and pauses of conversation `index`, drawn from its own stream of `seed` (so it
-    is the same whatever `num_conversations` is). Every speaker talks; no speaker has two turns in a row."""
-    rng = np.random.default_rng([seed, 0, index])
-    num_speakers, num_turns = int(rng.integers(2, 4)), int(rng.integers(4, 9))
+def plan_conversation(seed: int, index: int, style: Style = Style()) -> dict:
+    """Speakers, voices, lines, pauses and channel of conversation `index`, drawn from its own streams of `seed`
+    (so it is the same whatever `num_conversations` is). Every speaker talks; no speaker has two sentence turns
+    in a row. The default style draws only from `[seed, 0, index]`; what other styles add (overlaps,
+    back-channels, levels, channel) comes from `[seed, 2, index]`, so the default corpus keeps its bytes."""
+    rng, extra = np.random.default_rng([seed, 0, index]), np.random.default_rng([seed, 2, index])
+    num_speakers = int(rng.integers(style.speakers[0], style.speakers[1] + 1))
+    num_turns = int(rng.integers(style.turns[0], style.turns[1] + 1))
+    if index == 0 and style.long_seconds:
+        num_turns = max(num_turns, round(style.long_seconds / SECONDS_PER_TURN))
     speakers = list(SPEAKERS[:num_speakers])
     voices = dict(zip(speakers, rng.choice(VOICES, num_speakers, replace=False).tolist(), strict=True))
     order = rng.permutation(speakers).tolist()
     while len(order) < num_turns:
         order.append(str(rng.choice([s for s in speakers if s != order[-1]])))
-    lines = rng.choice(len(SENTENCES), num_turns, replace=False)
-    return {
-        "voices": voices,
-        "turns": [
-            {"speaker": s, "voice": voices[s], "text": SENTENCES[i], "speed": int(rng.integers(150, 166))}
-            for s, i in zip(order, lines, strict=True)
-        ],
-        "pauses": rng.uniform(0.3, 0.9, num_turns - 1).tolist(),
-        "lead": float(rng.uniform(0.2, 0.5)),
-        "trail": float(rng.uniform(0.2, 0.5)),
+    lines = rng.choice(len(SENTENCES), num_turns, replace=num_turns > len(SENTENCES))
+    sentences = [
+        {"speaker": s, "voice": voices[s], "text": SENTENCES[i], "speed": int(rng.integers(150, 166))}
+        for s, i in zip(order, lines, strict=True)
+    ]
+    pauses = rng.uniform(*style.pause, num_turns - 1).tolist()
+    lead, trail = float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.2, 0.5))
+
+    turns, after_backchannel = [], False  # whether a back-channel filled the pause before this turn
+    for i, turn in enumerate(sentences):
+        gap, kind = (lead, 1.0) if i == 0 else (pauses[i - 1], extra.random())
+        if kind < style.overlapped and not after_backchannel:  # a back-channel is too short to talk over
+            gap = -float(extra.uniform(*style.overlap))
+        elif kind < style.overlapped + style.quick:
+            gap = float(extra.uniform(*style.quick_gap))
+        turns.append({**turn, "gap": gap})
+        after_backchannel = False
+        if extra.random() < style.backchannels:
+            listeners = [s for s in speakers if s != turn["speaker"]]
+            nxt = order[i + 1] if i + 1 < num_turns else None
+            speaker = str(extra.choice([s for s in listeners if s != nxt] or listeners))
+            text, speed = str(extra.choice(list(BACKCHANNELS))), int(extra.integers(150, 166))
+            if extra.random() < style.during:
+                when = {"within": float(extra.uniform(0.2, 0.6))}
+            else:
+                when, after_backchannel = {"gap": float(extra.uniform(*style.quick_gap))}, True
+            turns.append({"speaker": speaker, "voice": voices[speaker], "text": text, "speed": speed, **when})
+    channel = {
+        "gain_db": {s: float(extra.uniform(-style.loudness_db, 0.0)) for s in speakers},
+        "telephone": bool(extra.random() < style.telephone),
+        "snr_db": float(extra.uniform(*style.snr_db)) if style.snr_db else None,
     }
+    return {"voices": voices, "turns": turns, "trail": trail, "channel": channel}
 
 
 def assemble(plan: dict, clips: list[np.ndarray]) -> tuple[np.ndarray, list[dict]]:
-    """The conversation's 24 kHz audio and its turns with start/end in seconds, on sample boundaries."""
-    silences = [plan["lead"], *plan["pauses"], plan["trail"]]
-    pieces, turns, cursor = [], [], 0
-    for turn, clip, silence in zip(plan["turns"], clips, silences[:-1], strict=True):
-        gap = np.zeros(round(silence * SAMPLE_RATE), np.float32)
-        pieces += [gap, clip]
-        cursor += len(gap)
+    """The conversation's 24 kHz audio and its turns in order of start, in seconds on sample boundaries. A turn
+    with a `gap` starts that long after the previous such turn ends (negative: over it, by at most half its
+    length); a back-channel with `within` starts that far into it. Each speaker is scaled by their `gain_db`.
+    Nobody talks over themselves: a speaker's turn waits MIN_SELF_GAP after their previous one."""
+    placed, last_end, previous = [], {}, (0, 0)
+    for turn, clip in zip(plan["turns"], clips, strict=True):
+        if "within" in turn:
+            start = previous[0] + round(turn["within"] * (previous[1] - previous[0]))
+        else:
+            start = previous[1] + max(round(turn["gap"] * SAMPLE_RATE), -((previous[1] - previous[0]) // 2))
+        if turn["speaker"] in last_end:
+            start = max(start, last_end[turn["speaker"]] + round(MIN_SELF_GAP * SAMPLE_RATE))
+        end = last_end[turn["speaker"]] = start + len(clip)
+        if "gap" in turn:
+            previous = (start, end)
+        placed.append((start, end, turn, clip))
+    audio = np.zeros(max(end for _, end, _, _ in placed) + round(plan["trail"] * SAMPLE_RATE), np.float32)
+    turns = []
+    for start, end, turn, clip in sorted(placed, key=lambda p: p[0]):
+        audio[start:end] += clip * np.float32(10 ** (plan["channel"]["gain_db"][turn["speaker"]] / 20))
         turns.append(
             {
                 "speaker": turn["speaker"],
                 "voice": turn["voice"],
                 "text": turn["text"],
-                "start": cursor / SAMPLE_RATE,
-                "end": (cursor + len(clip)) / SAMPLE_RATE,
+                "start": start / SAMPLE_RATE,
+                "end": end / SAMPLE_RATE,
             }
         )
-        cursor += len(clip)
-    pieces.append(np.zeros(round(silences[-1] * SAMPLE_RATE), np.float32))
-    return np.concatenate(pieces), turns
+    return audio, turns
+
+
+def pink_noise(length: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise with power falling 3 dB an octave, like most room and street noise (white noise shaped by 1/√f)."""
+    spectrum = np.fft.rfft(rng.standard_normal(length))
+    spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+    spectrum[0] = 0.0
+    noise = np.fft.irfft(spectrum, length)
+    return noise / np.sqrt(np.mean(noise**2))
+
+
+def telephone(audio: np.ndarray) -> np.ndarray:
+    """A telephone channel: down to 8 kHz, the 300–3400 Hz voice band (zero-phase, so turn edges stay put),
+    and back up to 24 kHz."""
+    narrow = signal.sosfiltfilt(TELEPHONE_BAND, soxr.resample(audio, SAMPLE_RATE, TELEPHONE_RATE, quality="HQ"))
+    wide = soxr.resample(narrow.astype(np.float32), TELEPHONE_RATE, SAMPLE_RATE, quality="HQ")
+    return np.pad(wide, (0, max(0, len(audio) - len(wide))))[: len(audio)]
+
+
+def degrade(audio: np.ndarray, turns: list[dict], channel: dict, rng: np.random.Generator) -> np.ndarray:
+    """Background noise at `snr_db` (to the mean power of the speech inside the turns), then the telephone
+    channel if any (the noise is at the talker's end, so it is band-limited too); a mix louder than PEAK_LIMIT
+    is scaled down. The default corpus's audio passes unchanged."""
+    if channel["snr_db"] is not None:
+        speech = np.zeros(len(audio), bool)
+        for t in turns:
+            speech[round(t["start"] * SAMPLE_RATE) : round(t["end"] * SAMPLE_RATE)] = True
+        level = np.sqrt(np.mean(audio[speech].astype(np.float64) ** 2)) * 10 ** (-channel["snr_db"] / 20)
+        audio = (audio + level * pink_noise(len(audio), rng)).astype(np.float32)
+    if channel["telephone"]:
+        audio = telephone(audio)
+    peak = float(np.abs(audio).max())
+    return audio * np.float32(PEAK_LIMIT / peak) if peak > PEAK_LIMIT else audio
 
 
 def encode(audio: np.ndarray, fmt: Format) -> bytes:
@@ -255,25 +376,30 @@ def write_broken(audio_dir: Path, seed: int) -> dict[str, str]:
     return dict(BROKEN)
 
 
-def write_demo_corpus(out_dir: str | Path, num_conversations: int = 8, seed: int = 0, broken: bool = True) -> dict:
-    """Synthesise the corpus into `out_dir` (audio/ and truth/); returns a summary."""
+def write_demo_corpus(
+    out_dir: str | Path, num_conversations: int = 8, seed: int = 0, broken: bool = True, style: str | Style = "default"
+) -> dict:
+    """Synthesise the corpus into `out_dir` (audio/ and truth/) in `style` (a name in STYLES, or a Style);
+    returns a summary."""
     require_espeak()
+    style = STYLES[style] if isinstance(style, str) else style
     out = Path(out_dir)
     audio_dir, truth_dir = out / "audio", out / "truth"
     audio_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*audio_dir.glob("conv_*"), *audio_dir.glob("broken_*"), *truth_dir.glob("*")]:
         stale.unlink()  # an earlier build's: a smaller or other corpus must not inherit its files
-    plans = [plan_conversation(seed, i) for i in range(num_conversations)]
+    plans = [plan_conversation(seed, i, style) for i in range(num_conversations)]
     progress = tqdm(total=sum(len(p["turns"]) for p in plans), desc="synthesising turns", unit="turn")
-    seconds, speech_seconds, voices = 0.0, 0.0, set()
+    seconds, speech_seconds, voices, overlapped = 0.0, 0.0, set(), 0
     for i, plan in enumerate(plans):
         name, fmt = f"conv_{i:04d}", OTHER_FORMATS.get(i % 8, DEFAULT_FORMAT)
         clips = []
         for turn in plan["turns"]:
-            clips.append(speak(turn["text"], turn["voice"], turn["speed"]))
+            clips.append(speak(BACKCHANNELS.get(turn["text"], turn["text"]), turn["voice"], turn["speed"]))
             progress.update()
         audio, turns = assemble(plan, clips)
+        audio = degrade(audio, turns, plan["channel"], np.random.default_rng([seed, 3, i]))
         (audio_dir / f"{name}{fmt.suffix}").write_bytes(encode(audio, fmt))
         truth = {
             "audio": f"{name}{fmt.suffix}",
@@ -281,11 +407,14 @@ def write_demo_corpus(out_dir: str | Path, num_conversations: int = 8, seed: int
             "voices": plan["voices"],
             "turns": turns,
         }
+        if style != Style():  # the default corpus's truth keeps its bytes
+            truth["channel"] = plan["channel"]
         (truth_dir / f"{name}.json").write_text(json.dumps(truth, indent=2) + "\n")
         (truth_dir / f"{name}.rttm").write_text(rttm(name, turns))
         seconds += truth["duration"]
         speech_seconds += sum(t["end"] - t["start"] for t in turns)
         voices.update(plan["voices"].values())
+        overlapped += sum(b["start"] < max(a["end"] for a in turns[:j]) for j, b in enumerate(turns) if j)
     progress.close()
     broken_files = write_broken(audio_dir, seed) if broken else {}
     (truth_dir / "broken.json").write_text(json.dumps(broken_files, indent=2) + "\n")
@@ -293,6 +422,8 @@ def write_demo_corpus(out_dir: str | Path, num_conversations: int = 8, seed: int
         "out_dir": str(out),
         "conversations": num_conversations,
         "turns": sum(len(p["turns"]) for p in plans),
+        "backchannels": sum(t["text"] in BACKCHANNELS for p in plans for t in p["turns"]),
+        "overlapped_turns": overlapped,
         "speakers": sum(len(p["voices"]) for p in plans),
         "voices": sorted(voices),
         "seconds": round(seconds, 2),
@@ -303,9 +434,11 @@ def write_demo_corpus(out_dir: str | Path, num_conversations: int = 8, seed: int
 
 @hydra.main(config_path=CONFIG_DIR, config_name="demo_corpus", version_base=None)
 def main(cfg: DictConfig) -> None:
-    s = write_demo_corpus(cfg.out, cfg.num_conversations, cfg.seed, cfg.broken)
+    style = replace(STYLES[cfg.style], long_seconds=cfg.long_seconds) if cfg.long_seconds else cfg.style
+    s = write_demo_corpus(cfg.out, cfg.num_conversations, cfg.seed, cfg.broken, style)
     print(
-        f"{s['conversations']} conversations, {s['turns']} turns, {s['seconds']:.1f} s of audio"
+        f"{s['conversations']} conversations, {s['turns']} turns ({s['backchannels']} back-channels,"
+        f" {s['overlapped_turns']} overlapped), {s['seconds']:.1f} s of audio"
         f" ({s['speech_seconds']:.1f} s speech) in {s['out_dir']}/audio; truth in {s['out_dir']}/truth\n"
         f"voices: {', '.join(s['voices'])}\n"
         f"broken files: {', '.join(f'{k} ({v})' for k, v in s['broken'].items()) or 'none'}"

@@ -6,6 +6,12 @@ Truth is one `{recording}.json` per recording in `truth_dir`, `{"turns": [{"spea
 shards, so what is scored is exactly what the trainer gets: turns the quality filters rejected count as
 deletions and missed speech.
 
+Overlapped speech: DER scores each speaker's turns on their own (pyannote's annotations hold overlapping
+turns; overlapped time counts once per speaker). WER compares one word sequence per recording, the turns'
+words in order of turn start, on both sides: a back-channel said over a sentence comes after that
+sentence's words, wherever in it it was said. A system that puts it elsewhere pays a deletion and an
+insertion for it; a system that drops it, a deletion.
+
     python -m data_pipeline.score dataset=DATASET truth=TRUTH_DIR
 """
 
@@ -33,14 +39,21 @@ def _truth(truth_dir: Path) -> dict[str, dict]:
     return {name: record for name, record in records.items() if "turns" in record}
 
 
+def transcript(turns: list[dict]) -> str:
+    """A recording's words as WER compares them: its turns in order of start (ties in the order given), after
+    Whisper's English normaliser (eval.metrics)."""
+    ordered = sorted(turns, key=lambda t: t["start"])
+    return normalize_text(" ".join(t["text"] for t in ordered))
+
+
 def word_error_rate(dataset_dir: str | Path, truth_dir: str | Path) -> dict:
-    """Corpus WER (errors over all reference words) and each recording's, after Whisper's English normaliser
-    (eval.metrics). A recording missing from the dataset counts with every word deleted."""
+    """Corpus WER (errors over all reference words) and each recording's, on `transcript`s. A recording missing
+    from the dataset counts with every word deleted."""
     import jiwer
 
     truth, hypothesis = _truth(Path(truth_dir)), dataset_turns(dataset_dir)
-    references = [normalize_text(" ".join(t["text"] for t in record["turns"])) for record in truth.values()]
-    hypotheses = [normalize_text(" ".join(t["text"] for t in hypothesis.get(name, []))) for name in truth]
+    references = [transcript(record["turns"]) for record in truth.values()]
+    hypotheses = [transcript(hypothesis.get(name, [])) for name in truth]
     per_recording = {name: jiwer.wer(r, h) for name, r, h in zip(truth, references, hypotheses, strict=True)}
     return {"wer": jiwer.wer(references, hypotheses), "per_recording": per_recording}
 
@@ -62,14 +75,15 @@ def diarization_error_rate(dataset_dir: str | Path, truth_dir: str | Path, colla
 
 def score_recording(metric, record: dict, turns: list[tuple[float, float, int | str]]) -> float:
     """Add one recording to a pyannote `metric`: its truth `record` against `(start, end, speaker)` turns,
-    over the whole recording. Returns the recording's own value."""
+    over the whole recording. Returns the recording's own value. Turns may overlap; each is its own track, so
+    two speakers' turns with equal times both count."""
     from pyannote.core import Annotation, Segment, Timeline
 
     reference, output = Annotation(), Annotation()
-    for turn in record["turns"]:
-        reference[Segment(turn["start"], turn["end"])] = turn["speaker"]
-    for start, end, speaker in turns:
-        output[Segment(start, end)] = str(speaker)
+    for i, turn in enumerate(record["turns"]):
+        reference[Segment(turn["start"], turn["end"]), i] = turn["speaker"]
+    for i, (start, end, speaker) in enumerate(turns):
+        output[Segment(start, end), i] = str(speaker)
     extent = Timeline([Segment(0.0, record.get("duration", max(t["end"] for t in record["turns"])))])
     return metric(reference, output, uem=extent)
 
