@@ -2,7 +2,7 @@
 the resemblyzer + clustering diarizer for each window size and clustering threshold, on the corpus's speech
 regions from Silero VAD. This is the measurement behind the defaults in conf/pipeline/diarizer/resemblyzer.yaml.
 
-    python bench/bench_diarizer.py --conversations 12 --seed 1
+    python bench/bench_diarizer.py --conversations 12 --seed 1 [--style hard]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from pyannote.metrics.diarization import DiarizationErrorRate
 
 from data_pipeline.audio import load_audio, to_model_rate
-from data_pipeline.demo_corpus import write_demo_corpus
+from data_pipeline.demo_corpus import STYLES, write_demo_corpus
 from data_pipeline.diarize import EmbeddingDiarizer
 from data_pipeline.score import score_recording
 from data_pipeline.vad import SileroVAD
@@ -26,9 +26,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--style", choices=STYLES, default="default", help="demo corpus style (demo_corpus.STYLES)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_corpus(tmp, num_conversations=args.conversations, seed=args.seed, broken=False)
+        write_demo_corpus(tmp, num_conversations=args.conversations, seed=args.seed, broken=False, style=args.style)
         vad, recordings = SileroVAD(), []
         for path in sorted((Path(tmp) / "truth").glob("conv_*.json")):
             truth = json.loads(path.read_text())
@@ -36,7 +37,7 @@ def main():
             audio16 = to_model_rate(audio)
             recordings.append((truth, audio16, vad(audio16)))
     diarizer = EmbeddingDiarizer()
-    print(f"{len(recordings)} conversations (seed {args.seed}); DER with a 0.5 s collar")
+    print(f"{len(recordings)} {args.style} conversations (seed {args.seed}); DER with a 0.5 s collar")
     for (window, step), threshold in itertools.product(((1.5, 0.75), (3.0, 1.5)), (0.2, 0.3, 0.4)):
         diarizer.window, diarizer.step, diarizer.threshold = window, step, threshold
         metric = DiarizationErrorRate(collar=0.5)
