@@ -2,13 +2,24 @@
 truth: who said what, and when to the sample. The pipeline's tests and the README quickstart feed it through
 VAD → ASR → diarization → Mimi and score the result against `truth/`.
 
-    python -m data_pipeline.demo_corpus out=DIR [num_conversations=8] [seed=0] [broken=true]
+    python -m data_pipeline.demo_corpus out=DIR [num_conversations=8] [seed=0] [broken=true] [style=hard]
 
 writes `DIR/audio/` (the pipeline's input: conversations in several formats, plus planted broken files) and
 `DIR/truth/` (`conv_NNNN.json` and `.rttm` per conversation, `broken.json`: each broken file's expected
-failure reason). Each conversation has 2–3 speakers (distinct voices, at 150–165 words a minute) and 4–8
-alternating turns, 0.3–0.9 s apart. A seed gives the same bytes in every file: espeak-ng, soxr and
-libsndfile are deterministic, except for the random Ogg stream serial libsndfile picks, which is fixed here.
+failure reason). By default each conversation has 2–3 speakers (distinct voices, at 150–165 words a minute)
+and 4–8 alternating turns, 0.3–0.9 s apart, at one level, studio-clean: easy for every stage.
+
+`style=hard` (`HARD`, a `Style` of knobs) has what real conversations have and the easy one lacks: 2–4
+speakers, 6–10 sentence turns of which ~30 % start 0.2–1.5 s before the previous one ends and ~30 % follow
+within 0.3 s, short back-channels ("mm-hmm", "right", "okay", …) from a listener, half of them said over the
+current turn, each speaker at their own level (spread over 12 dB), pink background noise at 15–30 dB SNR and,
+on half the recordings, a telephone channel (300–3400 Hz, through 8 kHz). `long_seconds` makes conversation 0
+run on to about that long, for long-input tests. The truth stays exact: every turn, overlapped or not, is its
+own truth turn with the times its audio has (turns are listed by start; the RTTM has the overlaps), and
+`channel` in the truth says each recording's levels, SNR and whether it went through the telephone.
+
+A seed gives the same bytes in every file: espeak-ng, soxr and libsndfile are deterministic, except for the
+random Ogg stream serial libsndfile picks, which is fixed here.
 
 Voices were chosen by measurement, from ~80 candidates (`espeak-ng --voices=en` × the `!v` variants): the
 six most mutually distinct among those Whisper tiny.en transcribes well. resemblyzer cosine similarity
@@ -110,7 +121,7 @@ BACKCHANNELS = {
     "Yes.": "yes",
 }
 MIN_SELF_GAP = 0.2  # seconds: a speaker's next turn starts at least this long after their last one ends
-SECONDS_PER_TURN = 3.0  # a sentence turn and its pause, on average: how long_seconds becomes a turn count
+SECONDS_PER_TURN = 2.5  # a hard-style sentence turn with its pause, on average: long_seconds → turns
 TELEPHONE_RATE = 8_000
 TELEPHONE_BAND = signal.butter(4, (300, 3400), btype="bandpass", fs=TELEPHONE_RATE, output="sos")
 PEAK_LIMIT = 0.9  # a mix louder than this (overlaps, noise) is scaled down as a whole

@@ -232,7 +232,7 @@ def test_hard_same_seed_same_bytes(hard, tmp_path):
 def test_long_recording_knob():
     """`long_seconds` makes conversation 0 long (planned only: synthesising minutes is for long-input tests)."""
     plan = plan_conversation(1, 0, replace(HARD, long_seconds=240))
-    assert sum(t["text"] in SENTENCES for t in plan["turns"]) == 80 and len(plan_conversation(1, 1, HARD)["turns"]) < 20
+    assert sum(t["text"] in SENTENCES for t in plan["turns"]) == 96 and len(plan_conversation(1, 1, HARD)["turns"]) < 20
 
 
 def test_scoring_overlapping_truth():
