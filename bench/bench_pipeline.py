@@ -1,6 +1,8 @@
 """Data-pipeline throughput on the espeak-ng demo corpus, in × real time (audio seconds per wall second).
 
-Two side-by-side comparisons, each on the same audio in one run:
+Three side-by-side comparisons, each on the same audio in one run:
+* ingest: FFmpeg (PyAV) decoding streamed through soxr block by block (what `load_audio` does) vs. libsndfile
+  reading the whole file and soxr resampling it in one call (the pipeline's ingest before it read m4a/aac/webm);
 * ASR: faster-whisper's batched pipeline (what `FasterWhisperASR` uses) vs. its sequential `transcribe` over
   the same VAD chunks — and whether they return the same words;
 * diarizer embeddings: our batched d-vectors vs. resemblyzer's `embed_utterance` one window at a time (equal
@@ -18,6 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyloudnorm
+import soundfile as sf
+import soxr
 
 from data_pipeline.asr import FasterWhisperASR
 from data_pipeline.audio import MODEL_SAMPLE_RATE, SAMPLE_RATE, discover, load_audio, to_model_rate
@@ -35,6 +40,14 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
+def whole_file_ingest(path: Path) -> np.ndarray:
+    """The old ingest: libsndfile decodes the whole file, soxr resamples it at once, pyloudnorm measures it."""
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio = soxr.resample(audio.mean(axis=1), rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(audio.astype(np.float64))
+    return audio
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=4)
@@ -42,12 +55,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         write_demo_corpus(corpus, num_conversations=args.conversations, broken=False)
-        recordings = [load_audio(p) for p in discover(corpus / "audio")]
+        paths = discover(corpus / "audio").paths
+        recordings, t_streamed = timed(lambda: [load_audio(p) for p in paths])
+        _, t_whole = timed(lambda: [whole_file_ingest(p) for p in paths])
         audio16 = [to_model_rate(a) for a in recordings]
         seconds = sum(len(a) for a in recordings) / SAMPLE_RATE
         vad = SileroVAD()
         regions = [vad(a) for a in audio16]
         print(f"{len(recordings)} conversations, {seconds:.1f} s of audio")
+        print(f"ingest  FFmpeg streamed {seconds / t_streamed:6.0f}x rt   libsndfile whole {seconds / t_whole:6.0f}x rt"
+              f"   ratio {t_streamed / t_whole:.2f}")  # fmt: skip
 
         asr = FasterWhisperASR()
         whisper = asr.pipeline.model

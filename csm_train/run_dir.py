@@ -6,75 +6,38 @@ while the run trains, rank 0 holds a lock on it (`run.lock`) so that a second pr
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from csm_train.model import CSMConfig
+from data_pipeline.files import ExclusiveLock, LockedError, atomic_write
 
 RUN_LOCK, RUN_IDENTITY = "run.lock", "run.json"
-_held_locks: set[int] = set()  # descriptors of RunLocks this process holds (not inherited by forks: see below)
-
-
-def _forget_locks_after_fork() -> None:
-    """A forked child (a dataloader worker) shares the lock's open file, which would keep it locked until the child
-    ends too; the child closes its copy, so the lock lives exactly as long as the process that took it."""
-    for fd in _held_locks:
-        os.close(fd)
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
 class RunDirectoryError(RuntimeError):
     """The run directory is in use by another process, or holds a different run."""
 
 
-class RunLock:
-    """An exclusive `flock` on `run_dir/run.lock`: a second process started on the same run directory is refused
-    while the first runs. The kernel drops the lock when its process ends, however it ends (SIGKILL, a SLURM
-    requeue), so nothing is left to clean up; the file stays, naming its last holder."""
+class RunLock(ExclusiveLock):
+    """`run_dir/run.lock`: a second process started on the same run directory is refused while the first runs."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / RUN_LOCK
-        self._fd: int | None = None
+        super().__init__(run_dir / RUN_LOCK)
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
+            return super().acquire()
+        except LockedError as error:
             raise RunDirectoryError(
-                f"run directory {self.path.parent} is in use by {holder} ({self.path} is locked): two processes "
+                f"run directory {self.path.parent} is in use by {error.holder} ({self.path} is locked): two processes "
                 f"on one run would overwrite each other's checkpoints. Wait for it to end or stop it, or start "
                 f"this one as a new run with run_id=NAME"
             ) from None
-        except OSError as error:  # a file system without flock (some NFS or Lustre mounts)
-            os.close(fd)
-            print(f"warning: cannot lock {self.path} ({error}); a second run started on it would not be refused")
-            return self
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {started})\n".encode(), 0)
-        self._fd = fd
-        _held_locks.add(fd)
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            _held_locks.discard(self._fd)
-            os.close(self._fd)  # the last descriptor of the open file: the lock goes with it
-            self._fd = None
 
 
 def _flat(prefix: str, value) -> dict:
@@ -177,12 +140,6 @@ def previous_identity(run_dir: Path) -> dict | None:
     return None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def check_run_dir(cfg: DictConfig, run_dir: Path, identity: dict) -> list[str]:
     """Refuse a run directory that holds a different run (`identity_differences`) unless `resume=force`; returns
     the differences `resume=force` accepted. Reads only: every rank may call it, before anything is built."""
@@ -216,8 +173,8 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, identity: 
         if differences:
             lines = "".join(f"  {d}\n" for d in differences)
             print(f"resume=force: resuming a run whose settings differ (then → now):\n{lines}", end="")
-        _write_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        _write_atomically(run_dir / RUN_IDENTITY, json.dumps(identity, indent=2) + "\n")
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write(run_dir / RUN_IDENTITY, json.dumps(identity, indent=2) + "\n")
     except BaseException:
         lock.release()
         raise

@@ -1,39 +1,56 @@
 """`python -m data_pipeline input_dir=… output_dir=…` (see conf/pipeline/ and data_pipeline/run.py)."""
 
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.audio import Inputs
 from data_pipeline.run import Pipeline, PipelineConfig, merge
 from data_pipeline.transcribe import SidecarTranscripts, Transcriber
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "pipeline")
-STAGES = {"asr": ("vad", "asr", "diarizer", "quality", "codec"), "sidecar": ("quality", "codec")}
+STAGES = {
+    "asr": ("vad", "asr", "diarizer", "quality", "codec"),
+    "sidecar": ("quality", "codec"),
+    "lhotse": ("quality", "codec"),  # + vad, asr and diarizer with lhotse.fallback
+}
 
 
 def build(cfg: DictConfig) -> Pipeline:
     if cfg.transcripts not in STAGES:
         raise ValueError(f"transcripts={cfg.transcripts!r}: use one of {sorted(STAGES)}")
-    components = {stage: OmegaConf.to_container(cfg[stage], resolve=True) for stage in STAGES[cfg.transcripts]}
+    fallback = cfg.transcripts == "lhotse" and cfg.lhotse.fallback
+    stages = STAGES["asr"] if fallback else STAGES[cfg.transcripts]
+    components = {stage: OmegaConf.to_container(cfg[stage], resolve=True) for stage in stages}
+    inputs = None
+    if cfg.transcripts == "sidecar":
+        transcriber = SidecarTranscripts()
+    elif cfg.transcripts == "lhotse":
+        from data_pipeline.corpora import LhotseTranscripts  # lhotse takes ~1.5 s to import: only when used
+
+        asr = Transcriber(instantiate(cfg.vad), instantiate(cfg.asr), instantiate(cfg.diarizer)) if fallback else None
+        transcriber = LhotseTranscripts(cfg.lhotse.recordings, cfg.lhotse.supervisions, fallback=asr)
+        inputs = Inputs(transcriber.root, transcriber.inputs())
+    else:
+        transcriber = Transcriber(instantiate(cfg.vad), instantiate(cfg.asr), instantiate(cfg.diarizer))
     config = PipelineConfig(
-        input_dir=cfg.input_dir,
+        input_dir=str(inputs.root) if inputs else cfg.input_dir,
         output_dir=cfg.output_dir,
         num_parts=cfg.num_parts,
         max_positions=cfg.max_positions,
         max_gap=cfg.max_gap,
         min_seconds=cfg.min_seconds,
+        max_seconds=cfg.max_seconds,
         samples_per_shard=cfg.samples_per_shard,
         max_errors=cfg.max_errors,
         components=components,
     )
-    if cfg.transcripts == "sidecar":
-        transcriber = SidecarTranscripts()
-    else:
-        transcriber = Transcriber(instantiate(cfg.vad), instantiate(cfg.asr), instantiate(cfg.diarizer))
-    return Pipeline(config, instantiate(cfg.codec), transcriber, instantiate(cfg.quality))
+    return Pipeline(config, instantiate(cfg.codec), transcriber, instantiate(cfg.quality), inputs=inputs)
 
 
 def summary(card: dict, throughput: dict) -> str:
@@ -43,6 +60,9 @@ def summary(card: dict, throughput: dict) -> str:
         f" {card['segments']} turns, {card['speakers']} speakers, {card['shards']} shards",
     ]
     lines += [f"rejected {reason}: {count}" for reason, count in card["rejected"].items()]
+    if card.get("skipped"):
+        skipped = ", ".join(f"{n} {extension}" for extension, n in card["skipped"].items())
+        lines.append(f"not audio by their extension, skipped: {skipped}")
     lines += [
         f"{stage:>10}: {t['seconds']:8.1f} s  {t['x_real_time'] or 0:8.1f}x real time"
         for stage, t in throughput.items()
@@ -52,6 +72,8 @@ def summary(card: dict, throughput: dict) -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # SIGTERM (scancel, a SLURM time limit) as SystemExit: the recording in progress is left unmarked, not "killed"
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # one INFO line per recording otherwise
     if cfg.merge_only:
         card = merge(cfg.output_dir, cfg.num_parts)

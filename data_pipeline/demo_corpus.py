@@ -178,8 +178,8 @@ OTHER_FORMATS = {
 }
 # Planted broken files and the reason the pipeline fails each with (`AudioError.reason`).
 BROKEN = {
-    "broken_empty.wav": "undecodable",  # 0 bytes: libsndfile finds no header
-    "broken_corrupt.flac": "undecodable",  # random bytes
+    "broken_empty.wav": "empty",  # 0 bytes
+    "broken_corrupt.flac": "not_audio",  # random bytes: FFmpeg's flac reader finds no audio in them
     "broken_short.wav": "too_short",  # 0.2 s of speech, below the pipeline's min_seconds
     "broken_silence.wav": "no_speech",  # 8 s of faint white noise: decodes, has loudness, no speech for the VAD
 }

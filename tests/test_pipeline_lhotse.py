@@ -10,10 +10,9 @@ from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from lhotse.audio import AudioSource
 from lhotse.supervision import AlignmentItem
 
-from data_pipeline.audio import AudioError, Inputs
-from data_pipeline.codec import RANDOM_INIT, MimiCodec
+from data_pipeline.audio import AudioError
 from data_pipeline.corpora import LhotseTranscripts, supervision_words
-from data_pipeline.run import Pipeline, PipelineConfig, merge
+from data_pipeline.run import merge
 from data_pipeline.shards import read_samples
 from data_pipeline.transcribe import Transcriber
 from data_pipeline.turns import SpeakerSpan, Word
@@ -59,9 +58,16 @@ def test_shards_carry_the_corpus_words_and_speakers(manifests, tmp_path):
     transcripts = LhotseTranscripts(root / "recordings.jsonl.gz", root / "supervisions.jsonl.gz")
     names = ["conv_0000.wav", "conv_0001.flac", "conv_0002.wav", "untranscribed.wav"]
     assert [p.name for p in transcripts.inputs()] == names
-    config = PipelineConfig(str(transcripts.root), str(tmp_path), max_positions=512)
-    inputs = Inputs(transcripts.root, transcripts.inputs())  # the manifest's recordings, not a directory walk
-    pipeline = Pipeline(config, MimiCodec(RANDOM_INIT, device="cpu"), transcripts, inputs=inputs)
+    from hydra import compose, initialize_config_dir
+
+    from data_pipeline.__main__ import CONFIG_DIR, build
+
+    overrides = [f"output_dir={tmp_path}", "transcripts=lhotse", f"lhotse.recordings={root / 'recordings.jsonl.gz'}",
+                 f"lhotse.supervisions={root / 'supervisions.jsonl.gz'}", "lhotse.fallback=false",
+                 "codec=mimi_random", "max_positions=512"]  # fmt: skip
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        pipeline = build(compose("config", overrides))  # as `python -m data_pipeline` builds it: no input_dir
+    assert pipeline.inputs == transcripts.inputs()  # the manifest's recordings, not a directory walk
     pipeline.run_part(0, progress=False)
     card = merge(tmp_path, 1)
 
