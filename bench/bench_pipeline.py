@@ -56,6 +56,7 @@ def main():
         corpus = Path(tmp) / "corpus"
         write_demo_corpus(corpus, num_conversations=args.conversations, broken=False)
         paths = discover(corpus / "audio").paths
+        load_audio(paths[0]), whole_file_ingest(paths[0])  # warm-up: FFmpeg's and libsndfile's first open
         recordings, t_streamed = timed(lambda: [load_audio(p) for p in paths])
         _, t_whole = timed(lambda: [whole_file_ingest(p) for p in paths])
         audio16 = [to_model_rate(a) for a in recordings]

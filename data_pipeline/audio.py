@@ -106,11 +106,14 @@ def decode(path: Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None
         declared = container.duration / av.time_base if container.duration else 0.0
         if max_seconds is not None and declared > max_seconds:
             raise AudioError(path, "too_long", f"{declared:.0f} s by its header, above max_seconds={max_seconds:g}")
-        to_float = av.AudioResampler(format="fltp")  # keeps rate and channels; planar: one row per channel
+        # Keeps rate and channels; planar float (one row per channel) in blocks of about a second, which keeps
+        # the per-block work (downmix, soxr) off the per-frame path (~1000 samples a frame in MP3/AAC).
+        to_float = av.AudioResampler(format="fltp", frame_size=stream.rate or 48_000)
         blocks, resampler, seconds = [], None, 0.0
         try:
-            for packet in container.demux(stream):
-                for block in (b for frame in packet.decode() for b in to_float.resample(frame)):
+            for packet in [*container.demux(stream), None]:  # None: flush the last partial block
+                frames = packet.decode() if packet is not None else [None]
+                for block in (b for frame in frames for b in to_float.resample(frame)):
                     if resampler is None:
                         resampler = soxr.ResampleStream(block.sample_rate, sample_rate, 1, quality="HQ")
                     seconds += block.samples / block.sample_rate
