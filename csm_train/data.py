@@ -21,10 +21,7 @@ the uninterrupted stream's held, so nothing is repeated or lost and the rows com
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,11 +32,10 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from csm_train.layout import Frames, Segment, collate, concat_frames, segment_frames
 from csm_train.tokenizer import TextTokenizer
-from data_pipeline.shards import Window, check_window, read_manifest, read_samples
+from data_pipeline.shards import Window, check_window, iter_shard, read_manifest, read_samples, read_window
 
 log = logging.getLogger(__name__)
 
@@ -109,32 +105,6 @@ class StreamState:
         }
         self.num_slots, self.last_worker = state["num_slots"], state["last_worker"]
         self.advanced = set()
-
-
-def read_window(sample: dict) -> Window:
-    """A raw webdataset sample (bytes per member) → Window. Nothing is unpickled."""
-    missing = {"codes.npy", "segments.json"} - set(sample)
-    if missing:
-        raise ValueError(f"sample {sample.get('__key__')!r} lacks {sorted(missing)}")
-    return Window(
-        key=sample["__key__"],
-        codes=np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False),
-        segments=json.loads(sample["segments.json"]),
-        meta=json.loads(sample["meta.json"]) if "meta.json" in sample else {},
-    )
-
-
-def iter_shard(path: Path) -> Iterator[dict]:
-    """Raw samples of one shard, with a clear error for a truncated or corrupt file."""
-    try:
-        with open(path, "rb") as f:
-            members = ({**member, "__url__": str(path)} for member in tar_file_iterator(f))
-            yield from group_by_keys(members)
-    except (OSError, ValueError, EOFError, tarfile.TarError) as error:
-        raise RuntimeError(
-            f"shard {path} is truncated or corrupt ({type(error).__name__}: {error}); write it again with the "
-            f"data pipeline, or remove it and its rows from manifest.jsonl"
-        ) from error
 
 
 def window_frames(window: Window, tokenizer: TextTokenizer, num_codebooks: int, max_frames: int) -> tuple[Frames, bool]:

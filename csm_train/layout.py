@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from csm_train.loss import IGNORE_INDEX
 from csm_train.tokenizer import TextTokenizer
+
+IGNORE_INDEX = -100  # a label that is not a target (transformers' and PyTorch's cross-entropy convention)
 
 
 @dataclass

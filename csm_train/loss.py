@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from csm_train.layout import IGNORE_INDEX
 from csm_train.model import CSM
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from csm_train.model import CSMConfig
 from data_pipeline.files import ExclusiveLock, LockedError, atomic_write
+from data_pipeline.shards import read_card
 
 RUN_LOCK, RUN_IDENTITY = "run.lock", "run.json"
 
@@ -75,7 +76,7 @@ def dataset_identity(path: str | Path) -> dict:
         for line in f:
             digest.update(line)
             samples += bool(line.strip())
-    card = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").exists() else {}
+    card = read_card(path)
     identity = {"dataset.samples": samples, "dataset.manifest_sha256": digest.hexdigest()[:16]}
     identity.update(_flat("dataset.codec", card.get("codec") or {}))
     if "config_hash" in card:

@@ -12,11 +12,12 @@ words in order of turn start, on both sides: a back-channel said over a sentence
 sentence's words, wherever in it it was said. A system that puts it elsewhere pays a deletion and an
 insertion for it; a system that drops it, a deletion.
 
-    python -m data_pipeline.score dataset=DATASET truth=TRUTH_DIR
+    python -m data_pipeline.score DATASET TRUTH_DIR [--collar 0]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -89,13 +90,14 @@ def score_recording(metric, record: dict, turns: list[tuple[float, float, int | 
 
 
 def main() -> None:
-    import sys
-
-    args = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    if set(args) != {"dataset", "truth"}:
-        raise SystemExit("usage: python -m data_pipeline.score dataset=DATASET_DIR truth=TRUTH_DIR")
-    wer, der = word_error_rate(args["dataset"], args["truth"]), diarization_error_rate(args["dataset"], args["truth"])
-    print(f"WER {wer['wer']:.3f}  DER {der['der']:.3f} (collar 0.5 s)")
+    parser = argparse.ArgumentParser(description="WER and DER of a pipeline dataset against ground truth.")
+    parser.add_argument("dataset", help="the dataset directory (shards/, manifest.jsonl)")
+    parser.add_argument("truth", help="a directory of {recording}.json truth files (as demo_corpus writes)")
+    parser.add_argument("--collar", type=float, default=0.5, help="DER forgiveness around boundaries, seconds (total)")
+    args = parser.parse_args()
+    wer = word_error_rate(args.dataset, args.truth)
+    der = diarization_error_rate(args.dataset, args.truth, collar=args.collar)
+    print(f"WER {wer['wer']:.3f}  DER {der['der']:.3f} (collar {args.collar:g} s)")
     for name in wer["per_recording"]:
         print(f"  {name}: WER {wer['per_recording'][name]:.3f}  DER {der['per_recording'][name]:.3f}")
 

@@ -1,4 +1,4 @@
-"""The shard contract between the data pipeline and the trainer (DESIGN.md, "The shard contract").
+"""The shard contract between the data pipeline and the trainer: its writer and its readers, in one place.
 
 A dataset directory holds
 
@@ -9,7 +9,8 @@ A dataset directory holds
 and one sample has the members `codes.npy` (uint16 [K, n_frames]), `segments.json` (speaker turns with
 text and their frame range in `codes.npy`) and `meta.json` (source, codec). Shards are written to a
 temporary name and renamed when complete, and the manifest only ever names complete shards, so a reader
-never sees half a shard.
+never sees half a shard. Readers: `iter_shard` (raw samples of one tar, the trainer's stream), `read_window`
+(a raw sample → `Window`, nothing unpickled), `read_samples` (a whole dataset, for scoring and tests).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 MIMI_SAMPLE_RATE = 24_000
 MIMI_FRAME_RATE = 12.5  # frames per second: one frame per 80 ms
@@ -197,6 +199,12 @@ class ShardWriter:
         self.close()
 
 
+def read_card(dataset_dir: str | Path) -> dict:
+    """The dataset card (`dataset.json`: totals, codec, pipeline settings); {} for a directory without one."""
+    path = Path(dataset_dir) / "dataset.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def read_manifest(dataset_dir: str | Path) -> list[dict]:
     path = Path(dataset_dir) / "manifest.jsonl"
     if not path.exists():
@@ -208,20 +216,36 @@ def read_manifest(dataset_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_window(sample: dict) -> Window:
+    """A raw webdataset sample (bytes per member) → Window. Nothing is unpickled."""
+    missing = {"codes.npy", "segments.json"} - set(sample)
+    if missing:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks {sorted(missing)}")
+    return Window(
+        key=sample["__key__"],
+        codes=np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False),
+        segments=json.loads(sample["segments.json"]),
+        meta=json.loads(sample["meta.json"]) if "meta.json" in sample else {},
+    )
+
+
+def iter_shard(path: Path) -> Iterator[dict]:
+    """Raw samples of one shard, with a clear error for a truncated or corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            members = ({**member, "__url__": str(path)} for member in tar_file_iterator(f))
+            yield from group_by_keys(members)
+    except (OSError, ValueError, EOFError, tarfile.TarError) as error:
+        raise RuntimeError(
+            f"shard {path} is truncated or corrupt ({type(error).__name__}: {error}); write it again with the "
+            f"data pipeline, or remove it and its rows from manifest.jsonl"
+        ) from error
+
+
 def read_samples(dataset_dir: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of a dataset directory in manifest order: (key, {"codes.npy": bytes, "segments.json": ...,
-    "meta.json": ...}). For inspection, scoring and tests; training streams through csm_train.data."""
+    "meta.json": ...}). For inspection, scoring and tests; training streams shards itself (csm_train.data)."""
     dataset_dir = Path(dataset_dir)
-    by_shard: dict[str, list[str]] = {}
-    for row in read_manifest(dataset_dir):
-        by_shard.setdefault(row["shard"], []).append(row["key"])
-    for shard, keys in by_shard.items():
-        with tarfile.open(dataset_dir / "shards" / shard) as tar:
-            for key in keys:
-                yield (
-                    key,
-                    {
-                        name: tar.extractfile(f"{key}.{name}").read()
-                        for name in ("codes.npy", "segments.json", "meta.json")
-                    },
-                )
+    for shard in dict.fromkeys(row["shard"] for row in read_manifest(dataset_dir)):
+        for sample in iter_shard(dataset_dir / "shards" / shard):
+            yield sample["__key__"], {name: sample[name] for name in ("codes.npy", "segments.json", "meta.json")}
