@@ -17,7 +17,7 @@ import time
 import torch
 
 from csm_train import CSM, CSMConfig, csm_loss, decoder_frame_generator, select_decoder_frames
-from csm_train.convert import config_to_transformers, state_dict_to_transformers
+from csm_train.formats import config_to_transformers, state_dict_to_transformers
 
 
 def make_batch(config: CSMConfig, batch: int, frames: int, seed: int = 0):

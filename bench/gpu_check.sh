@@ -22,7 +22,7 @@
 #   memory_1b    the same run's torch.cuda.max_memory_allocated vs the planner (csm_train/plan.py)
 #   tiny         python -m csm_train +experiment=tiny on the GPU in bf16-mixed: loss, MFU from the trainer's log
 #   z2, z3       python -m csm_train +experiment=100m trainer=deepspeed_z2/z3 for a few steps through Lightning
-#   consolidate  python -m csm_train.consolidate on the ZeRO-3 checkpoint (z2's if z3 failed), loaded back
+#   consolidate  python -m csm_train.convert --to ours on the ZeRO-3 checkpoint (z2's if z3 failed), loaded back
 #   attention    bench/bench_attention.py --device cuda --preset 100m --seq-len 2048 --dtype bf16 (flash vs
 #                packed masks); "missing" where the script is not in this tree
 #   ckpt_1b      (if time is left) the 1b step again with activation checkpointing: its compute and memory cost
@@ -173,9 +173,9 @@ CKPT=$WORK/z3/checkpoints/last.ckpt
 export CKPT WORK
 # shellcheck disable=SC2016  # expanded by the inner bash
 CONSOLIDATE='
-"$PY" -m csm_train.consolidate "$CKPT" "$WORK/consolidated" || {
+"$PY" -m csm_train.convert "$CKPT" "$WORK/consolidated" --to ours || {
     echo "the safe reader refused; retrying with --trust-pickle (our own run'"'"'s directory)"
-    "$PY" -m csm_train.consolidate --trust-pickle "$CKPT" "$WORK/consolidated" || exit 1
+    "$PY" -m csm_train.convert --trust-pickle "$CKPT" "$WORK/consolidated" --to ours || exit 1
     echo "NEEDED --trust-pickle"
 }
 "$PY" -c "

@@ -13,7 +13,7 @@ CSM is two Llama-3.2-style decoders:
 Parameter names are those of Sesame's released checkpoint (torchtune-style: `attn.q_proj`,
 `attn.output_proj`, `mlp.w1/w2/w3`, `sa_norm.scale`, `mlp_norm.scale`, `norm.scale`), so the
 `sesame/csm-1b` weights load strictly. That also fixes the RoPE convention: torchtune rotates
-*interleaved* pairs (dims 2i, 2i+1), Hugging Face rotates halves; `convert.py` permutes q/k rows between
+*interleaved* pairs (dims 2i, 2i+1), Hugging Face rotates halves; `formats.py` permutes q/k rows between
 the two.
 """
 
@@ -434,7 +434,7 @@ class CSM(nn.Module):
     def from_pretrained(cls, path: str | Path, **overrides) -> CSM:
         """Load our checkpoint, Sesame's format (`ckpt.pt` / `model.safetensors`, with or without its
         `config.json`), or a transformers `CsmForConditionalGeneration` directory."""
-        from csm_train.convert import load_checkpoint
+        from csm_train.checkpoint import load_checkpoint
 
         config, state_dict = load_checkpoint(path)
         if overrides:
@@ -455,7 +455,7 @@ class CSM(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from csm_train.convert import save_checkpoint
+        from csm_train.checkpoint import save_checkpoint
 
         save_checkpoint(self, directory)
 

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
+from csm_train.checkpoint import load_initial_weights
 from csm_train.data import FrameStream, HeldOutSet, StreamState, attention_mask
 from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
@@ -63,35 +64,6 @@ def parameter_group(name: str) -> str:
     if name.startswith(("text_embeddings.", "audio_embeddings.")):
         return "embeddings"
     return "heads"  # codebook0_head, audio_head
-
-
-def load_initial_weights(model: CSM, path: str) -> None:
-    """`model.init_from`: every tensor of the model from the checkpoint, with its shape, or an error that lists
-    what does not match and says why."""
-    from csm_train.convert import load_checkpoint
-
-    config, weights = load_checkpoint(path)
-    own = model.state_dict()
-    problems = [f"{k}: missing" for k in sorted(set(own) - set(weights))]
-    problems += [f"{k}: not in this model" for k in sorted(set(weights) - set(own))]
-    problems += [
-        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
-        for k, v in weights.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if problems:
-        why = []
-        if config.text_vocab_size != model.config.text_vocab_size:
-            why.append(
-                f"the text vocabularies differ ({config.text_vocab_size} in the checkpoint, "
-                f"{model.config.text_vocab_size} from this run's tokenizer): use the checkpoint's tokenizer "
-                f"(data.tokenizer=…; Llama-3.2's for sesame/csm-1b)"
-            )
-        if (config.backbone, config.decoder) != (model.config.backbone, model.config.decoder):
-            why.append("the architectures differ: pick the checkpoint's preset (model=…)")
-        listed = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise ValueError(f"model.init_from={path} does not fit this model ({listed}). " + ". ".join(why))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -164,7 +136,7 @@ class CSMModule(L.LightningModule):
         freeze: list[str] = (),
         lora: LoraConfig | dict | None = None,
     ):
-        """`init_from`: start from these weights (any format `csm_train.convert` reads); `freeze`: parameter
+        """`init_from`: start from these weights (any format `csm_train.checkpoint` reads); `freeze`: parameter
         groups (backbone, decoder, embeddings, heads: `parameter_group`) that keep their weights; `lora`: train
         adapters only (csm_train/lora.py)."""
         super().__init__()

@@ -35,7 +35,7 @@ import time
 
 import lightning as L
 
-from csm_train.checkpoint import StepCheckpoints
+from csm_train.step_checkpoints import StepCheckpoints
 
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)  # the job should come back: save and requeue
 STOPS = (signal.SIGTERM, signal.SIGINT)  # the scheduler or the user is ending the run: save

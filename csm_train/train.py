@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from csm_train.checkpoint import StepCheckpoints, last_checkpoint
+from csm_train.checkpoint import last_checkpoint
 from csm_train.console import StepProgress, quiet_libraries
 from csm_train.data import positions_per_epoch
 from csm_train.model import CSMConfig
@@ -22,6 +22,7 @@ from csm_train.module import CSMDataModule, CSMModule
 from csm_train.plan import decoder_frames_run, format_plan, gpu_peak_bf16_flops, plan, train_step_flops
 from csm_train.preemption import Preemption
 from csm_train.run_dir import check_run_dir, claim_run_dir, run_identity
+from csm_train.step_checkpoints import StepCheckpoints
 from data_pipeline.shards import MIMI_FRAME_RATE, check_codec
 
 

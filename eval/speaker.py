@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from csm_train.checkpoint import is_training_checkpoint, last_checkpoint, training_state
 from csm_train.generate import generate, prompt_frames
 from csm_train.layout import Segment
 from csm_train.model import CSM
@@ -64,10 +65,6 @@ def codec_from_weights_id(weights_id: str, device: str = "auto") -> MimiCodec:
 def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: str | None = None) -> Checkpoint:
     """Find the checkpoint file (a run directory means its newest checkpoint) and what it was trained with;
     explicit `tokenizer` / `codec` win over what the run recorded."""
-    from csm_train.checkpoint import last_checkpoint
-    from csm_train.consolidate import training_state
-    from csm_train.convert import is_training_checkpoint
-
     path = Path(path)
     if (path / "checkpoints").is_dir():
         newest = last_checkpoint(path)
@@ -85,7 +82,7 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
         if codec is None and card.exists():
             codec = json.loads(card.read_text())["codec"].get("weights_id")
     if is_training_checkpoint(path):  # a Lightning .ckpt, or a ZeRO directory (DeepSpeed's last.ckpt/)
-        saved_step = training_state(path).get("global_step")  # read safely: csm_train.consolidate
+        saved_step = training_state(path).get("global_step")  # read safely: csm_train.checkpoint
         step = None if saved_step is None else int(saved_step)
     missing = [name for name, value in (("tokenizer", tokenizer), ("codec", codec)) if not value]
     if missing:

@@ -86,7 +86,7 @@ def hf_pair(tiny_config, hf_tokenizer):
     from transformers import CsmForConditionalGeneration
 
     from csm_train import CSM
-    from csm_train.convert import config_to_transformers, state_dict_from_transformers
+    from csm_train.formats import config_to_transformers, state_dict_from_transformers
 
     torch.manual_seed(0)
     hf_config = config_to_transformers(

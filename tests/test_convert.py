@@ -12,14 +12,14 @@ import torch
 from conftest import random_frames
 
 from csm_train import CSM, CSMConfig, Segment, collate, conversation_frames, csm_loss
-from csm_train.convert import (
+from csm_train.convert import convert
+from csm_train.formats import (
     SESAME_FLAVORS,
-    _sesame_config_from_shapes,
     config_from_sesame,
     config_from_transformers,
     config_to_sesame,
     config_to_transformers,
-    convert,
+    sesame_config_from_shapes,
     state_dict_from_transformers,
     state_dict_to_transformers,
 )
@@ -224,11 +224,11 @@ def test_sesame_configs_map_to_the_1b_preset():
         config_to_sesame(CSMConfig.preset("tiny"))
     with torch.device("meta"):
         shapes = CSM(CSMConfig.preset("1b")).state_dict()
-    assert _sesame_config_from_shapes(shapes, "ckpt.pt") == CSMConfig.preset("1b")
+    assert sesame_config_from_shapes(shapes, "ckpt.pt") == CSMConfig.preset("1b")
     with torch.device("meta"):
         tiny = CSM(CSMConfig.preset("tiny")).state_dict()
     with pytest.raises(ValueError, match="no Sesame flavor.*config.json"):
-        _sesame_config_from_shapes(tiny, "ckpt.pt")
+        sesame_config_from_shapes(tiny, "ckpt.pt")
 
 
 def test_from_pretrained_errors_name_the_file_and_the_fix(hf_pair, tmp_path):

@@ -90,9 +90,11 @@ def test_zero_stage_trains_like_ddp_resumes_exactly_and_consolidates(stage, data
         [
             sys.executable,
             "-m",
-            "csm_train.consolidate",
+            "csm_train.convert",
             str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
             str(tmp_path / "full"),
+            "--to",
+            "ours",
         ],
         capture_output=True,
         text=True,

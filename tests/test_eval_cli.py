@@ -105,9 +105,9 @@ def test_an_unavailable_judge_fails_only_its_suite(run_dir, tmp_path):
 
 
 def test_a_checkpoint_without_a_run_needs_tokenizer_and_codec(run_dir, tmp_path):
-    from csm_train.consolidate import consolidate
+    from csm_train.convert import convert
 
-    consolidate(run_dir / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    convert(run_dir / "checkpoints" / "last.ckpt", tmp_path / "exported", "ours")
     done = evaluate(f"checkpoint={tmp_path / 'exported'}", "limit=1")
     assert done.returncode != 0
     assert "cannot tell which tokenizer and codec" in done.stderr and "codec=kyutai/mimi" in done.stderr

@@ -1,7 +1,7 @@
 """Nothing from a file executes code. A DeepSpeed ZeRO checkpoint directory is read without unpickling anything
-but tensors, containers and DeepSpeed's own checkpoint records (csm_train.consolidate); a directory whose `.pt`
-files carry a pickled payload is refused by every reader (CSM.from_pretrained, model.init_from, convert,
-consolidate, eval) with a message naming it and saying how to consolidate a trusted one; and a run's
+but tensors, containers and DeepSpeed's own checkpoint records (csm_train.checkpoint); a directory whose `.pt`
+files carry a pickled payload is refused by every reader (CSM.from_pretrained, model.init_from, convert, eval)
+with a message naming it and saying how to convert a trusted one; and a run's
 `config.yaml` cannot name an arbitrary `_target_` (Hydra's instantiate allow-list).
 
 The ZeRO directories are built by hand in DeepSpeed's layout (`latest`, `<tag>/mp_rank_00_model_states.pt`,
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from csm_train import CSM, CSMConfig
-from csm_train.consolidate import load_training_checkpoint
+from csm_train.checkpoint import load_initial_weights, load_training_checkpoint
 from csm_train.convert import convert
 
 TAG = "global_step7"
@@ -145,7 +145,7 @@ def planted(tmp_path: Path, config: CSMConfig, weights: dict, where: str) -> tup
 def assert_refused(error: Exception, directory: Path, marker: Path):
     message = str(error)
     assert str(directory) in message and "unpickl" in message, message
-    assert f"python -m csm_train.consolidate {directory} OUT_DIR --trust-pickle" in message, message
+    assert f"python -m csm_train.convert {directory} OUT_DIR --to ours --trust-pickle" in message, message
     assert not marker.exists()
 
 
@@ -163,7 +163,6 @@ def test_the_planted_payload_runs_when_unpickled(config, weights, tmp_path):
 
 @pytest.mark.parametrize("where", ["model", "optim"])
 def test_every_reader_refuses_a_zero_directory_carrying_a_payload(config, weights, tmp_path, where):
-    from csm_train.module import load_initial_weights
     from eval.speaker import load_model, resolve_checkpoint
 
     directory, marker = planted(tmp_path, config, weights, where)
@@ -185,17 +184,14 @@ def test_every_reader_refuses_a_zero_directory_carrying_a_payload(config, weight
     assert not (tmp_path / "out").exists()
 
 
-def test_the_consolidate_and_convert_commands_refuse_it_and_say_how(config, weights, tmp_path):
+def test_the_convert_command_refuses_it_and_says_how(config, weights, tmp_path):
     directory, marker = planted(tmp_path, config, weights, "optim")
-    for command in (
-        ["csm_train.consolidate", str(directory), str(tmp_path / "full")],
-        ["csm_train.convert", str(directory), str(tmp_path / "full"), "--to", "ours"],
-    ):
-        done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2, done.stdout + done.stderr[-3000:]
-        assert "Traceback" not in done.stderr
-        assert_refused(done.stderr, directory, marker)
-        assert not (tmp_path / "full").exists()
+    command = ["csm_train.convert", str(directory), str(tmp_path / "full"), "--to", "ours"]
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert_refused(done.stderr, directory, marker)
+    assert not (tmp_path / "full").exists()
 
 
 def test_torch_files_carrying_a_payload_are_refused(config, weights, tmp_path):
