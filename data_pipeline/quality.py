@@ -6,6 +6,9 @@ and the pipeline counts rejections by reason in `dataset.json`.
 * characters per second: far outside speech rates (~10–20 for English) the transcript does not match the
   audio (hallucinated text over silence, or words dropped over speech);
 * ASR confidence: the mean word probability Whisper reports;
+* overlap: with `max_overlap`, turns whose words are more than that fraction overlapped by another speaker
+  (`Turn.overlap_fraction`, from the diarizer's overlap spans) — their audio carries two voices. Off by
+  default: overlapped turns are kept, and marked (`overlap` seconds in segments.json);
 * MOS: a speech-quality score (DNSMOS) when a scorer is configured.
 """
 
@@ -27,6 +30,7 @@ class QualityFilter:
     min_chars_per_second: float = 4.0
     max_chars_per_second: float = 30.0
     min_asr_confidence: float = 0.4
+    max_overlap: float | None = None  # reject turns overlapped by another speaker over more than this fraction
     min_mos: float | None = None  # with `mos`: reject turns scoring below it
     mos: Callable[[np.ndarray], float] | None = None  # 24 kHz audio of the turn → score
 
@@ -44,6 +48,8 @@ class QualityFilter:
             return "too_many_chars_per_second"
         if np.mean([w.probability for w in turn.words]) < self.min_asr_confidence:
             return "low_asr_confidence"
+        if self.max_overlap is not None and turn.overlap_fraction > self.max_overlap:
+            return "overlapped"
         if self.min_mos is not None and self.mos is not None and audio is not None and self.mos(audio) < self.min_mos:
             return "low_mos"
         return None

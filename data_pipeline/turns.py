@@ -25,15 +25,18 @@ class Word:
     start: float
     end: float
     probability: float = 1.0
+    overlap: float = 0.0  # seconds of the word during which another speaker talks (assign_speakers sets it)
 
 
 @dataclass
 class SpeakerSpan:
-    """A diarization segment: who speaks from `start` to `end` (seconds)."""
+    """A diarization segment: who speaks from `start` to `end` (seconds). A `background` span is a speaker
+    heard under another's span (overlapped speech): it makes the other's words overlapped, never gets words."""
 
     speaker: str
     start: float
     end: float
+    background: bool = False
 
 
 @dataclass
@@ -53,6 +56,17 @@ class Turn:
     def text(self) -> str:
         return " ".join(w.text.strip() for w in self.words)
 
+    @property
+    def overlap(self) -> float:
+        """Seconds of the turn's words during which another speaker talks (overlapped speech)."""
+        return round(sum(w.overlap for w in self.words), 3)
+
+    @property
+    def overlap_fraction(self) -> float:
+        """`overlap` over the seconds of the turn's words."""
+        spoken = sum(w.end - w.start for w in self.words)
+        return self.overlap / spoken if spoken > 0 else 0.0
+
 
 def estimate_text_frames(turn: Turn) -> int:
     """BOS + EOS + "[N]" + ~1 token per 3 bytes of text (Llama-3.2's BPE averages ~4 on English)."""
@@ -69,24 +83,38 @@ def turn_positions(turn: Turn, text_frames: Callable[[Turn], int] = estimate_tex
 
 
 def assign_speakers(words: list[Word], spans: list[SpeakerSpan]) -> list[tuple[Word, str]]:
-    """Each word goes to the speaker whose spans overlap it most; a word in no span (diarization gaps) to
-    the speaker of the nearest span."""
-    if not spans:
+    """Each word goes to the speaker whose (non-background) spans overlap it most; a word in no span
+    (diarization gaps) to the speaker of the nearest span. Each word's `overlap` is set to the seconds of it
+    during which any span of another speaker (background or not) runs: overlapped speech."""
+    main = [span for span in spans if not span.background]
+    if not main:
         raise ValueError("no diarization spans: cannot assign words to speakers")
     labelled = []
     for word in words:
-        overlap: dict[str, float] = {}
-        for span in spans:
+        shares: dict[str, float] = {}
+        for span in main:
             shared = min(word.end, span.end) - max(word.start, span.start)
             if shared > 0:
-                overlap[span.speaker] = overlap.get(span.speaker, 0.0) + shared
-        if overlap:
-            speaker = max(overlap, key=lambda s: (overlap[s], s))
+                shares[span.speaker] = shares.get(span.speaker, 0.0) + shared
+        if shares:
+            speaker = max(shares, key=lambda s: (shares[s], s))
         else:
             middle = (word.start + word.end) / 2
-            speaker = min(spans, key=lambda s: (max(s.start - middle, middle - s.end), s.speaker)).speaker
+            speaker = min(main, key=lambda s: (max(s.start - middle, middle - s.end), s.speaker)).speaker
+        others = [(s.start, s.end) for s in spans if s.speaker != speaker]
+        word.overlap = round(covered(others, word.start, word.end), 3)
         labelled.append((word, speaker))
     return labelled
+
+
+def covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] inside the union of `intervals`."""
+    total, reach = 0.0, start
+    for a, b in sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 def merge_turns(labelled: list[tuple[Word, str]], max_gap: float = 1.5) -> list[Turn]:
