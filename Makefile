@@ -22,13 +22,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # demo corpus (espeak-ng conversations) → data pipeline → tiny CSM training → evaluation, offline on CPU.
 # The phoneme judge of the pronunciation suites needs the Hub: a random one runs their code, and they refuse a number.
-quickstart: system-deps $(VENV)/.installed
+quickstart: system-deps $(VENV)/.extras
 	$(PY) -m data_pipeline.demo_corpus out=$(DEMO)/corpus
 	$(PY) -m data_pipeline input_dir=$(DEMO)/corpus/audio output_dir=$(DEMO)/dataset codec=mimi_random max_positions=512
 	$(PY) -m csm_train +experiment=tiny data=speech_demo data.path=$(DEMO)/dataset run_id=speech_demo
 	$(PY) -m eval checkpoint=runs/tiny/speech_demo limit=4 speaker.max_seconds=5 judges.phonemes=random-init
 
-# the production pipeline backends (pyannote.audio, whisperx), whose adapters the tests exercise
+# pyannote.audio and whisperx: the default diarizer's segmentation model (shipped in whisperx) and recipe (pyannote),
+# and the production backends (diarizer=pyannote, asr=whisperx) whose adapters the tests exercise
 $(VENV)/.extras: $(VENV)/.installed scripts/install_extras.sh
 	scripts/install_extras.sh $(PY)
 	touch $@

@@ -48,6 +48,7 @@ def build(cfg: DictConfig) -> Pipeline:
         max_seconds=cfg.max_seconds,
         samples_per_shard=cfg.samples_per_shard,
         max_errors=cfg.max_errors,
+        max_attempts=cfg.max_attempts,
         components=components,
     )
     return Pipeline(config, instantiate(cfg.codec), transcriber, instantiate(cfg.quality), inputs=inputs)

@@ -13,10 +13,12 @@ Two phases per part, so that a run killed at any moment and started again ends b
 run as its own process or SLURM array task.
 
 A recording whose process dies while working on it (out of memory, a kill) leaves its `{id}.started` mark
-behind, and the next run records it as failed (`killed`) instead of dying on it again; a clean stop (Ctrl-C,
-SIGTERM) removes the mark. Each part holds a lock (`work/part-NNNN.lock`) while it runs, and merge holds them
-all, so two runs on one output directory cannot step on each other; the kernel drops a killed run's lock.
-A rerun over a finished dataset rewrites nothing: files are replaced only where their bytes change.
+behind, counting the attempts: the next run tries it again (the kill may have come from outside: a preempted
+node, `scancel`), and once `max_attempts` processes have died on it, it is recorded as failed (`killed`)
+instead of killing every later run; a clean stop (Ctrl-C, SIGTERM) removes the mark. Each part holds a lock
+(`work/part-NNNN.lock`) while it runs, and merge holds them all, so two runs on one output directory cannot
+step on each other; the kernel drops a killed run's lock. A rerun over a finished dataset rewrites nothing:
+files are replaced only where their bytes change.
 
 Every stage is an object handed in (built from `conf/pipeline/` by `python -m data_pipeline`), so tests
 and users swap backends without touching the driver. A `work/config.json` records the settings the cache
@@ -49,7 +51,8 @@ from data_pipeline.quality import QualityFilter
 from data_pipeline.shards import ShardWriter, Window, sample_key
 from data_pipeline.turns import FRAME_RATE, Turn, merge_turns, split_windows
 
-RUN_ONLY = ("input_dir", "output_dir", "num_parts", "max_errors")  # settings that do not change the output
+# Settings that do not change the output (of recordings that can be processed at all).
+RUN_ONLY = ("input_dir", "output_dir", "num_parts", "max_errors", "max_attempts")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class PipelineConfig:
     max_seconds: float | None = 10_800.0  # longer ones too: a recording is held in memory whole (~1.5 GB per hour)
     samples_per_shard: int = 256
     max_errors: int = 3  # unexpected (non-audio) failures that stop a part
+    max_attempts: int = 2  # processes that may die inside one recording before it is recorded as `killed`
     components: dict = field(default_factory=dict)  # the stages' settings (models, thresholds): part of the hash
 
     def settings(self) -> dict:
@@ -144,33 +148,35 @@ class Pipeline:
         if done.exists() or failed.exists():
             return
         started = self.work / f"{sid}.started"
-        if started.exists():  # the last process to work on it died there: do not die on it again
-            stage = started.read_text().strip()
-            detail = (f"the process working on it died at stage {stage} (out of memory? max_seconds bounds the "
-                      f"length); delete {failed} to try it again")  # fmt: skip
-            record = {"input": str(path), "stage": stage, "reason": "killed", "error": detail}
+        died = json.loads(started.read_text()) if started.exists() else {"attempts": 0}
+        if died["attempts"] >= self.config.max_attempts:  # processes died inside it: do not die on it again
+            detail = (f"{died['attempts']} processes died in it at stage {died['stage']} (out of memory? "
+                      f"max_seconds bounds the length); delete {failed} to try it again")  # fmt: skip
+            record = {"input": str(path), "stage": died["stage"], "reason": "killed", "error": detail}
             atomic_write(failed, json.dumps(record))
             started.unlink()
             return
+
+        def mark(stage: str) -> str:  # where this attempt is, should its process die there
+            atomic_write(started, json.dumps({"stage": stage, "attempts": died["attempts"] + 1}))
+            return stage
+
         done.parent.mkdir(parents=True, exist_ok=True)
         self.transcriber.seconds.clear()
         seconds: Counter = Counter()
-        stage, clock = "ingest", time.perf_counter()
+        stage, clock = mark("ingest"), time.perf_counter()
         try:
-            atomic_write(started, stage)
             audio = load_audio(path, min_seconds=self.config.min_seconds, max_seconds=self.config.max_seconds)
             seconds["ingest"] = time.perf_counter() - clock
-            stage = "transcribe"
-            atomic_write(started, stage)
+            stage = mark("transcribe")
             turns = merge_turns(self.transcriber(path, audio), self.config.max_gap)
-            stage, clock = "quality", time.perf_counter()
+            stage, clock = mark("quality"), time.perf_counter()
             kept, rejected = self.filter.apply(turns, lambda turn: turn_audio(audio, turn))
             seconds["quality"] = time.perf_counter() - clock
             if not kept:
                 reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
                 raise AudioError(path, "all_turns_rejected", f"the quality filters rejected all its turns: {reasons}")
-            stage, clock = "encode", time.perf_counter()
-            atomic_write(started, stage)
+            stage, clock = mark("encode"), time.perf_counter()
             windows = split_windows(kept, self.config.max_positions)
             codes = self.encoder.encode([turn_audio(audio, t) for w in windows for t in w])
             seconds["encode"] = time.perf_counter() - clock
@@ -193,7 +199,7 @@ class Pipeline:
                 n = turn_codes.shape[1]
                 segments.append({
                     "speaker": turn.speaker, "text": turn.text, "start": turn.start, "end": turn.end,
-                    "frame_start": frame, "frame_end": frame + n,
+                    "overlap": turn.overlap, "frame_start": frame, "frame_end": frame + n,
                     "words": [[x.text, x.start, x.end] for x in turn.words],
                 })  # fmt: skip
                 frame += n

@@ -47,7 +47,7 @@ class Window:
 
     key: str
     codes: np.ndarray  # uint16 [K, n_frames]
-    segments: list[dict]  # {speaker, text, start, end, frame_start, frame_end, words?}, in order
+    segments: list[dict]  # {speaker, text, start, end, frame_start, frame_end, words?, overlap?}, in order
     meta: dict = field(default_factory=dict)
 
     @property

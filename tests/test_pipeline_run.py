@@ -271,24 +271,27 @@ def cli_pipeline(root, out, mimi_dir) -> Pipeline:
         return build(compose("config", cli_overrides(root, out, mimi_dir)))
 
 
-def start_blocked_run(root, out, mimi_dir):
+def start_blocked_run(root, out, mimi_dir, attempt: int = 1):
     """`python -m data_pipeline` stuck inside one recording: its sidecar transcript is a FIFO nobody writes."""
-    (root / "blocked.json").unlink()
-    os.mkfifo(root / "blocked.json")
+    if not (root / "blocked.json").is_fifo():
+        (root / "blocked.json").unlink()
+        os.mkfifo(root / "blocked.json")
     command = [sys.executable, "-m", "data_pipeline", *cli_overrides(root, out, mimi_dir)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def blocked_mark():
-        marks = [m for m in (out / "work").glob("blocked-*.started") if m.read_text() == "transcribe"]
+        at = {"stage": "transcribe", "attempts": attempt}
+        marks = [m for m in (out / "work").glob("blocked-*.started") if json.loads(m.read_text()) == at]
         return marks and marks[0]
 
     return process, wait_for("the run to block in the recording's transcribe stage", blocked_mark, 120)
 
 
-def test_a_killed_run_leaves_no_lock_and_its_recording_becomes_a_failure(tmp_path, mimi_dir):
+def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_death(tmp_path, mimi_dir):
     """SIGKILL (what the out-of-memory killer sends) inside a recording: while it ran, a second run on the output
-    was refused; after it, the lock is gone and the next run records that recording as `killed` instead of dying
-    on it again."""
+    was refused; after it, the lock is gone and the next run tries the recording again (the kill may have come
+    from outside). When that one dies inside it too, the run after records it as `killed` instead of dying on
+    it a third time."""
     root = tmp_path / "in"
     root.mkdir()
     write_recording(root / "blocked.wav", seed=0, seconds=6.0)
@@ -299,14 +302,17 @@ def test_a_killed_run_leaves_no_lock_and_its_recording_becomes_a_failure(tmp_pat
         second.run_part(0, progress=False)
     with pytest.raises(RuntimeError, match=rf"in use by pid {process.pid}"):
         merge(tmp_path / "out", 1)
-    process.kill()
-    process.wait()
-    assert mark.exists()
+    for attempt in (1, 2):
+        process.kill()
+        process.wait()
+        assert json.loads(mark.read_text()) == {"stage": "transcribe", "attempts": attempt}
+        if attempt == 1:
+            process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir, attempt=2)  # tried again
     second.run_part(0, progress=False)
     card = merge(tmp_path / "out", 1)
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").open()]
     assert card["recordings"] == 1 and [(f["stage"], f["reason"]) for f in failures] == [("transcribe", "killed")]
-    assert "died at stage transcribe" in failures[0]["error"] and not mark.exists()
+    assert "2 processes died in it at stage transcribe" in failures[0]["error"] and not mark.exists()
 
 
 def test_a_terminated_run_leaves_its_recording_to_be_done_again(tmp_path, mimi_dir):
