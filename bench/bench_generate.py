@@ -18,7 +18,7 @@ import time
 import torch
 
 from csm_train import CSM, CSMConfig
-from csm_train.generate import MIMI_CODES, generate, prompt_frames, stream
+from csm_train.generate import MIMI_CODES, Sampling, generate, prompt_frames, stream
 from csm_train.layout import Segment
 from csm_train.tokenizer import ByteTokenizer
 
@@ -61,7 +61,7 @@ def main():
     tokens, mask = prompt_frames(ByteTokenizer(), K, "i liked it more than i expected", 0, context)
 
     def cached():  # greedy; the end-of-audio frame cannot stop it early: random weights never emit one
-        return generate(model, [(tokens, mask)], max_frames=args.frames, temperature=0).codes[0]
+        return generate(model, [(tokens, mask)], Sampling(max_frames=args.frames, temperature=0)).codes[0]
 
     cached()  # warm-up
     start = time.perf_counter()
@@ -85,14 +85,14 @@ def time_to_first_audio(model: CSM, prompt, frames: int, chunk_frames: int = 5) 
 
     codec = MimiCodec(RANDOM_INIT, device="cpu")
     start = time.perf_counter()
-    chunks = stream(model, prompt, codec, chunk_frames=chunk_frames, max_frames=frames, temperature=0)
+    chunks = stream(model, prompt, codec, Sampling(max_frames=frames, temperature=0), chunk_frames=chunk_frames)
     next(chunks)
     t_first = time.perf_counter() - start
     for _ in chunks:
         pass
     t_stream = time.perf_counter() - start
     start = time.perf_counter()
-    codec.decode(generate(model, [prompt], max_frames=frames, temperature=0).codes[0])
+    codec.decode(generate(model, [prompt], Sampling(max_frames=frames, temperature=0)).codes[0])
     t_whole = time.perf_counter() - start
     print(
         f"first audio  streamed after {t_first:.2f} s ({chunk_frames}-frame chunks), whole answer after {t_whole:.2f} s"

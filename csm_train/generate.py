@@ -29,6 +29,18 @@ from csm_train.tokenizer import TextTokenizer
 MIMI_CODES = 2048
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How an answer's frames are drawn (Sesame's generator's defaults): among the `topk` most likely codes at
+    `temperature` (0: greedy), the same codes for the same `seed` (None: unseeded); `max_frames` bounds the
+    answer (250 frames = 20 s)."""
+
+    max_frames: int = 250
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+
+
 @dataclass
 class Generated:
     codes: list[torch.Tensor]  # per prompt: [K, n_frames] Mimi codes, without the end-of-audio frame
@@ -62,25 +74,21 @@ class Step:
 
 
 def generate_steps(
-    model: CSM,
-    prompts: list[tuple[torch.Tensor, torch.Tensor]],
-    max_frames: int = 250,
-    temperature: float = 0.9,
-    topk: int = 50,
-    seed: int | None = None,
+    model: CSM, prompts: list[tuple[torch.Tensor, torch.Tensor]], sampling: Sampling = Sampling()
 ) -> Iterator[Step]:
-    """The frame loop, one `Step` per generated frame, until every prompt has ended or `max_frames`.
+    """The frame loop, one `Step` per generated frame, until every prompt has ended or `sampling.max_frames`.
     Prompts are `(tokens, tokens_mask)`, each `[T, K+1]`, from `prompt_frames`. Same seed, same codes."""
     K, device = model.config.num_codebooks, model.codebook0_head.weight.device
     lengths = [len(tokens) for tokens, _ in prompts]
     B, T = len(prompts), max(lengths)
     limit = model.config.backbone.max_seq_len
+    max_frames = sampling.max_frames
     if T + max_frames > limit:
         raise ValueError(
             f"Inputs too long: a prompt of {T} frames plus max_frames={max_frames} exceeds the backbone's "
             f"max_seq_len={limit}. Drop context turns or lower max_frames."
         )
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
     tokens = torch.zeros(B, T, K + 1, dtype=torch.long, device=device)
     tokens_mask = torch.zeros(B, T, K + 1, dtype=torch.bool, device=device)
     keys = torch.zeros(B, 1, 1, limit, dtype=torch.bool, device=device)  # which cache positions hold real frames
@@ -100,7 +108,7 @@ def generate_steps(
         for _ in range(max_frames):
             with torch.inference_mode():
                 h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
-                frame, c0_logits, decoder_logits = _decode_frame(model, h, temperature, topk, generator)
+                frame, c0_logits, decoder_logits = _decode_frame(model, h, sampling, generator)
             yield Step(frame, c0_logits, decoder_logits)
             done |= (frame == 0).all(dim=-1)
             if done.all():
@@ -114,15 +122,10 @@ def generate_steps(
 
 
 def generate(
-    model: CSM,
-    prompts: list[tuple[torch.Tensor, torch.Tensor]],
-    max_frames: int = 250,
-    temperature: float = 0.9,
-    topk: int = 50,
-    seed: int | None = None,
+    model: CSM, prompts: list[tuple[torch.Tensor, torch.Tensor]], sampling: Sampling = Sampling()
 ) -> Generated:
-    """Generate audio codes for each prompt; `max_frames` bounds each answer (250 frames = 20 s)."""
-    steps = list(generate_steps(model, prompts, max_frames, temperature, topk, seed))
+    """Generate audio codes for each prompt, each answer at most `sampling.max_frames` long."""
+    steps = list(generate_steps(model, prompts, sampling))
     stacked = torch.stack([s.frame for s in steps], dim=1)  # [B, steps, K]
     codes = []
     for row in range(len(prompts)):
@@ -140,18 +143,15 @@ def stream(
     model: CSM,
     prompt: tuple[torch.Tensor, torch.Tensor],
     codec,
+    sampling: Sampling = Sampling(),
     chunk_frames: int = 5,
-    max_frames: int = 250,
-    temperature: float = 0.9,
-    topk: int = 50,
-    seed: int | None = None,
 ) -> Iterator[np.ndarray]:
     """24 kHz audio of one prompt's answer in chunks of `chunk_frames` frames (80 ms each), decoded while
     the next frames are generated: the first chunk is playable after `chunk_frames` steps rather than at the
     end. `codec` is a `data_pipeline.codec.MimiCodec`; the chunks concatenate to `codec.decode` of all codes."""
     decoder = codec.streaming_decoder()
     pending = []
-    for step in generate_steps(model, [prompt], max_frames, temperature, topk, seed):
+    for step in generate_steps(model, [prompt], sampling):
         if (step.frame == 0).all():
             break
         pending.append(step.frame[0])
@@ -162,19 +162,19 @@ def stream(
         yield decoder.decode(torch.stack(pending, dim=1).cpu())
 
 
-def _decode_frame(model: CSM, h: torch.Tensor, temperature: float, topk: int, generator):
+def _decode_frame(model: CSM, h: torch.Tensor, sampling: Sampling, generator):
     """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
     from the depth decoder, each fed back as its next input."""
     K = model.config.num_codebooks
     c0_logits = model.codebook0_head(h)
-    code = sample_topk(c0_logits[:, :MIMI_CODES], temperature, topk, generator)
+    code = sample_topk(c0_logits[:, :MIMI_CODES], sampling.temperature, sampling.topk, generator)
     codes, logits = [code], []
     x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
     positions = torch.arange(2, device=h.device).expand(len(h), 2)
     for i in range(1, K):
         y = model.decoder(x, input_pos=positions)[:, -1]
         logits.append(y @ model.audio_head[i - 1])
-        code = sample_topk(logits[-1][:, :MIMI_CODES], temperature, topk, generator)
+        code = sample_topk(logits[-1][:, :MIMI_CODES], sampling.temperature, sampling.topk, generator)
         codes.append(code)
         x = model.projection(model.embed_audio(i, code))[:, None]
         positions = positions[:, -1:] + 1

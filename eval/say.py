@@ -12,6 +12,7 @@ import argparse
 
 import soundfile as sf
 
+from csm_train.generate import Sampling
 from data_pipeline.audio import SAMPLE_RATE, load_audio
 from eval.run import device_name
 from eval.speaker import Speaker, Turn, resolve_checkpoint
@@ -40,9 +41,8 @@ def main() -> None:
     tokenizer = args.tokenizer and {"_target_": "csm_train.tokenizer.load_tokenizer", "name_or_path": args.tokenizer}
     checkpoint = resolve_checkpoint(args.checkpoint, tokenizer, args.codec)
     device = device_name(args.device)
-    speaker = Speaker.from_checkpoint(
-        checkpoint, device, max_seconds=args.max_seconds, temperature=args.temperature, seed=args.seed
-    )
+    sampling = Sampling(temperature=args.temperature, seed=args.seed)
+    speaker = Speaker.from_checkpoint(checkpoint, device, max_seconds=args.max_seconds, sampling=sampling)
     turns = []
     if args.context:
         (codes,) = speaker.encode([load_audio(args.context, target_lufs=None)])

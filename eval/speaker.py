@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from csm_train.checkpoint import is_training_checkpoint, last_checkpoint, training_state
-from csm_train.generate import generate, prompt_frames
+from csm_train.generate import Sampling, generate, prompt_frames
 from csm_train.layout import Segment
 from csm_train.model import CSM
 from data_pipeline.codec import RANDOM_INIT, MimiCodec
@@ -99,6 +99,9 @@ def load_model(path: Path) -> CSM:
     return CSM.from_pretrained(path).float().eval()
 
 
+SEEDED = Sampling(seed=0)  # evaluations are reproducible
+
+
 class Speaker:
     """Generates the last turn of each conversation as speech. Each answer gets a frame budget from its
     text's length (`seconds_per_char`, at most `max_seconds`): an undertrained model that never emits the
@@ -111,14 +114,15 @@ class Speaker:
         codec: MimiCodec,
         max_seconds: float = 20.0,
         seconds_per_char: float = 0.15,
-        temperature: float = 0.9,
-        topk: int = 50,
-        seed: int = 0,
+        sampling: Sampling | dict = SEEDED,
         batch_size: int = 8,
     ):
+        """`sampling`'s `max_frames` is replaced by each batch's budget, and its seed by `seed + index of the
+        batch's first conversation`, so a conversation's audio does not depend on the batch size's split."""
         self.model, self.tokenizer, self.codec = model, tokenizer, codec
         self.max_seconds, self.seconds_per_char = max_seconds, seconds_per_char
-        self.temperature, self.topk, self.seed, self.batch_size = temperature, topk, seed, batch_size
+        self.sampling = Sampling(**sampling) if isinstance(sampling, dict) else sampling  # a dict: from a config
+        self.batch_size = batch_size
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, device: str, **settings) -> Speaker:
@@ -154,7 +158,8 @@ class Speaker:
             budgets = [self.budget(turns[-1].text) for turns in batch]
             device = self.model.codebook0_head.weight.device
             prompts = [(t.to(device), m.to(device)) for t, m in prompts]
-            generated = generate(self.model, prompts, max(budgets), self.temperature, self.topk, self.seed + start)
+            seed = None if self.sampling.seed is None else self.sampling.seed + start
+            generated = generate(self.model, prompts, replace(self.sampling, max_frames=max(budgets), seed=seed))
             for codes, budget in zip(generated.codes, budgets, strict=True):
                 codes = codes[:, :budget]
                 out.append(self.codec.decode(codes) if codes.shape[1] else np.zeros(0, np.float32))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from csm_train import CSM, CSMConfig
-from csm_train.generate import generate, prompt_frames, sample_topk, stream
+from csm_train.generate import Sampling, generate, prompt_frames, sample_topk, stream
 from csm_train.layout import Segment
 from csm_train.tokenizer import ByteTokenizer
 
@@ -31,7 +31,7 @@ def prompt(text, speaker=0, context_frames=0, seed=0):
 
 def test_cached_logits_equal_a_full_forward_pass(model):
     tokens, mask = prompt("how are you today", context_frames=6)
-    out = generate(model, [(tokens, mask)], max_frames=5, temperature=0.9, topk=50, seed=0)
+    out = generate(model, [(tokens, mask)], Sampling(max_frames=5, temperature=0.9, topk=50, seed=0))
     steps = out.c0_logits.shape[1]
     frames = out.codes[0].T  # [n, K]
     assert steps == 5 and frames.shape == (5, K)
@@ -50,8 +50,8 @@ def test_cached_logits_equal_a_full_forward_pass(model):
 
 def test_batched_prompts_of_different_lengths_generate_as_alone(model):
     short, long = prompt("hi", seed=1), prompt("a much longer line of text", context_frames=9, seed=2)
-    alone = [generate(model, [p], max_frames=4, temperature=0) for p in (short, long)]
-    together = generate(model, [short, long], max_frames=4, temperature=0)
+    alone = [generate(model, [p], Sampling(max_frames=4, temperature=0)) for p in (short, long)]
+    together = generate(model, [short, long], Sampling(max_frames=4, temperature=0))
     for row, single in enumerate(alone):
         torch.testing.assert_close(together.c0_logits[row], single.c0_logits[0], atol=1e-4, rtol=1e-4)
         assert torch.equal(together.codes[row], single.codes[0])
@@ -59,8 +59,8 @@ def test_batched_prompts_of_different_lengths_generate_as_alone(model):
 
 def test_sampling_is_reproducible_from_a_seed(model):
     p = prompt("same seed, same audio")
-    first, second = (generate(model, [p], max_frames=4, seed=7).codes[0] for _ in range(2))
-    other = generate(model, [p], max_frames=4, seed=8).codes[0]
+    first, second = (generate(model, [p], Sampling(max_frames=4, seed=7)).codes[0] for _ in range(2))
+    other = generate(model, [p], Sampling(max_frames=4, seed=8)).codes[0]
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
@@ -81,14 +81,14 @@ def test_an_all_zero_frame_ends_the_audio(model, monkeypatch):
         return torch.zeros(len(logits), dtype=torch.long) if step == 2 else logits.argmax(dim=-1).clamp(min=1)
 
     monkeypatch.setattr(gen, "sample_topk", end_at_third_step)
-    out = generate(model, [prompt("stop soon")], max_frames=10)
+    out = generate(model, [prompt("stop soon")], Sampling(max_frames=10))
     assert out.codes[0].shape == (K, 2) and out.c0_logits.shape[1] == 3
 
 
 def test_too_long_inputs_fail_clearly(model):
     limit = model.config.backbone.max_seq_len
     with pytest.raises(ValueError, match="Inputs too long"):
-        generate(model, [prompt("x", context_frames=limit - 40)], max_frames=50)
+        generate(model, [prompt("x", context_frames=limit - 40)], Sampling(max_frames=50))
 
 
 def test_streamed_audio_joins_to_the_decoded_answer(model):
@@ -96,8 +96,8 @@ def test_streamed_audio_joins_to_the_decoded_answer(model):
 
     codec = MimiCodec(RANDOM_INIT, device="cpu")
     p = prompt("streaming, chunk by chunk")
-    chunks = list(stream(model, p, codec, chunk_frames=3, max_frames=8, temperature=0.9, seed=0))
-    codes = generate(model, [p], max_frames=8, temperature=0.9, seed=0).codes[0]
+    chunks = list(stream(model, p, codec, Sampling(max_frames=8, temperature=0.9, seed=0), chunk_frames=3))
+    codes = generate(model, [p], Sampling(max_frames=8, temperature=0.9, seed=0)).codes[0]
     assert [len(c) for c in chunks] == [3 * 1920, 3 * 1920, 2 * 1920]  # random weights never end early
     whole = codec.decode(codes)
     # fp32 rounding of a random Mimi reaches ~1e-4 on peaks of ~30: compare relative to the peak
