@@ -2,12 +2,12 @@
 
 Three backends behind one interface, `__call__(audio_16k, regions) -> list[SpeakerSpan]`:
 
-* `SegmentationDiarizer` (diarizer=segmentation, offline, overlap-aware): pyannote's diarization recipe assembled from
-  installed weights — the pyannote segmentation model shipped inside whisperx for local speaker activity
-  (overlaps included), resemblyzer d-vectors per (chunk, local speaker), pyannote's clustering and
-  reconstruction. Overlapped speech comes back as `background` spans. Needs the extras
-  (scripts/install_extras.sh).
-* `EmbeddingDiarizer` (diarizer=resemblyzer, the offline default, base install): the classic embed-and-cluster recipe.
+* `SegmentationDiarizer` (diarizer=segmentation, the offline default, overlap-aware): pyannote's diarization
+  recipe assembled from installed weights — the pyannote segmentation model shipped inside whisperx for local
+  speaker activity (overlaps included), resemblyzer d-vectors per unit (a local speaker's track cut at its
+  pauses), pyannote's clustering and reconstruction. Overlapped speech comes back as `background` spans.
+  Needs the extras (scripts/install_extras.sh).
+* `EmbeddingDiarizer` (diarizer=resemblyzer, offline, base install): the classic embed-and-cluster recipe.
   Speech regions from the VAD are cut into windows of `window_seconds` (hop `step_seconds`); each window gets
   a d-vector from resemblyzer's speaker encoder (it ships its weights); the vectors are clustered by
   agglomerative clustering on cosine distance, cut at `threshold` or at a known `num_speakers`. Each window
@@ -211,16 +211,82 @@ class DVectorEmbedding:
         return embeddings
 
 
-def offline_pipeline(segmentation, embedding: DVectorEmbedding, step: float, batch_size: int):
+def split_at_pauses(
+    activations: np.ndarray, onset: float, min_pause: int, min_unit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(chunks, frames, local speakers)` activations → `(chunks, frames, units)` and each unit's host.
+
+    Each local speaker's track is cut in the middle of its pauses of at least `min_pause` frames; each piece
+    is a unit of its own (its activations there, zero elsewhere: a speaker's units add up to its track). A
+    piece with fewer than `min_unit` active frames is a satellite: `hosts[c, u]` is the unit index of the
+    nearest full piece of its track (-1 for full units); a track with no full piece stays whole. Chunks with
+    fewer units are padded with silent ones, which pyannote leaves out."""
+    chunks = []
+    for chunk in activations:
+        units, hosts = [], []
+        for speaker in chunk.T:
+            active = np.flatnonzero(speaker > onset)
+            if len(active) == 0:
+                continue
+            pauses = np.flatnonzero(np.diff(active) > min_pause)
+            cuts = [0, *((active[pauses] + active[pauses + 1] + 1) // 2), len(speaker)]
+            pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
+            full = [i for i, (start, end) in enumerate(pieces) if np.sum(speaker[start:end] > onset) >= min_unit]
+            if not full:
+                pieces, full = [(0, len(speaker))], [0]
+            first = len(units)
+            for i, (start, end) in enumerate(pieces):
+                unit = np.zeros_like(speaker)
+                unit[start:end] = speaker[start:end]
+                units.append(unit)
+                hosts.append(-1 if i in full else first + min(full, key=lambda j: abs(j - i)))
+        chunks.append((units, hosts))
+    width = max(1, *(len(units) for units, _ in chunks))
+    result = np.zeros((*activations.shape[:2], width), dtype=activations.dtype)
+    all_hosts = np.full((len(activations), width), -1)
+    for c, (units, hosts) in enumerate(chunks):
+        if units:
+            result[c, :, : len(units)] = np.stack(units, axis=1)
+            all_hosts[c, : len(hosts)] = hosts
+    return result, all_hosts
+
+
+def offline_pipeline(
+    segmentation,
+    embedding: DVectorEmbedding,
+    step: float,
+    batch_size: int,
+    split_pause: float | None = None,
+    min_unit: float = 0.0,
+    satellite_margin: float = 0.0,
+):
     """pyannote.audio's own `SpeakerDiarization` recipe, run by the library's code (sliding-window local
-    segmentation → one embedding per (chunk, local speaker) → constrained clustering → reconstruction, with
-    its overlap-aware and exclusive outputs), with models given as objects: its constructor only takes
-    Hub/checkpoint references for the embedding and a PLDA, so the subclass sets what `apply` uses itself."""
+    segmentation → one embedding per (chunk, local speaker) → clustering → reconstruction, with its
+    overlap-aware and exclusive outputs), with models given as objects: its constructor only takes
+    Hub/checkpoint references for the embedding and a PLDA, so the subclass sets what `apply` uses itself.
+    Its "local speakers" are our units: `get_segmentations` cuts the model's tracks (`split_at_pauses`; no
+    cut with `split_pause` None), and everything after it (speaker counting, embedding, clustering,
+    reconstruction) works on any number of columns per chunk."""
     from pyannote.audio import Audio, Inference
     from pyannote.audio.core.pipeline import Pipeline
     from pyannote.audio.pipelines import SpeakerDiarization
     from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+    from pyannote.core import SlidingWindowFeature
     from pyannote.pipeline.parameter import ParamDict, Uniform
+
+    class UnitClustering(AgglomerativeClustering):
+        """pyannote's clustering of the units, then the satellites' rule (`SegmentationDiarizer`, step 2);
+        `hosts` (from `split_at_pauses`) is set per recording by `get_segmentations`."""
+
+        hosts: np.ndarray
+
+        def __call__(self, embeddings, segmentations=None, **kwargs):
+            hard, soft, centroids = super().__call__(embeddings, segmentations, **kwargs)
+            for c, u in zip(*np.nonzero(self.hosts >= 0), strict=True):
+                host = hard[c, self.hosts[c, u]]
+                if not soft[c, u].max() - soft[c, u, host] > satellite_margin:  # NaN (too short to embed): host
+                    hard[c, u] = host
+            return hard, soft, centroids
 
     class OfflineSpeakerDiarization(SpeakerDiarization):
         def __init__(self):
@@ -234,8 +300,19 @@ def offline_pipeline(segmentation, embedding: DVectorEmbedding, step: float, bat
             self._embedding, self.embedding_batch_size = embedding, batch_size
             self.embedding_exclude_overlap = True  # a d-vector of two voices at once is neither's
             self._audio = Audio(sample_rate=MODEL_SAMPLE_RATE, mono="downmix")
-            self.clustering = AgglomerativeClustering(metric="cosine")
+            self.clustering = UnitClustering(metric="cosine")
             self._expects_num_speakers = False
+
+        def get_segmentations(self, file, hook=None):
+            segmentations = super().get_segmentations(file, hook=hook)
+            frame = segmentation.receptive_field.step
+            units, self.clustering.hosts = split_at_pauses(
+                segmentations.data,
+                self.segmentation.threshold,
+                round(split_pause / frame) if split_pause else 10**9,
+                round(min_unit / frame),
+            )
+            return SlidingWindowFeature(units, segmentations.sliding_window)
 
     return OfflineSpeakerDiarization()
 
@@ -244,27 +321,33 @@ class SegmentationDiarizer:
     """Overlap-aware offline diarization from installed weights: pyannote's diarization recipe
     (`offline_pipeline`) with the pyannote segmentation model that ships inside whisperx
     (`load_segmentation_model`: PyanNet, 5 s chunks, up to 3 local speakers, multilabel) and our resemblyzer
-    d-vectors, then a re-segmentation pass.
+    d-vectors, clustered by units finer than pyannote's.
 
     1. Local segmentation on 5 s chunks every `step_seconds`: who of up to 3 local speakers is active in
        each ~17 ms frame, overlaps included (`onset` binarizes the model's activations).
-    2. One d-vector per (chunk, local speaker), from that speaker's frames without overlap; pyannote's
-       agglomerative clustering (`method` linkage, cut at cosine `threshold`) makes them global speakers.
-    3. pyannote's reconstruction: per frame, as many speakers as the segmentation counts, the most active
+    2. Units (`split_at_pauses`): each local speaker's track is cut at its pauses of `split_pause_seconds`
+       or more. The model, trained on real speech, sometimes keeps two synthetic voices as one local
+       speaker across a turn change (espeak-ng: 2 s of B, a pause, then A, in one chunk as one speaker);
+       with one d-vector per track, clustering cannot undo that, with one per unit the two turns cluster
+       apart. A piece with less than `min_unit_seconds` of speech (pyannote's own bar for a d-vector to
+       take part in clustering: a fifth of the chunk) is a satellite of the nearest full piece of its
+       track: it keeps its host's speaker unless its own d-vector is nearer another speaker's centroid by
+       more than `satellite_margin` (cosine similarity). d-vectors of under a second of telephone speech
+       are noisy: cutting every piece loose gave the real call's "Hello?" a third speaker (0.090 → 0.157).
+    3. One d-vector per unit, from its frames without overlap; pyannote's agglomerative clustering
+       (`method` linkage, cut at cosine `threshold`) of the full units makes global speakers, and every
+       other unit goes to the nearest centroid (satellites as in step 2).
+    4. pyannote's reconstruction: per frame, as many speakers as the segmentation counts, the most active
        first. Its exclusive version (one speaker per frame) is what words are assigned with.
-    4. Re-segmentation (`resegment_seconds` > 0, off by default): the segmentation model was trained on
-       real speech and sometimes keeps two similar synthetic voices as one local speaker across a turn
-       change (on espeak-ng conversations: 2 s of B then A in one chunk as one speaker), which step 2 cannot
-       undo. The pass tiles each exclusive span into windows of `resegment_seconds`, embeds them and gives
-       each to the speaker whose centroid (mean d-vector of step 2) it is nearest, when nearer than its own
-       speaker's by more than `resegment_margin` (cosine similarity). Measured (collar 0, tuning sets): it
-       takes espeak-ng conversations from 0.071 to 0.028 and the hard corpus from 0.270 to 0.257, but the
-       real telephone call from 0.090 to 0.151 (1.5 s d-vectors of telephone speech are noisier than the
-       chunks'), and it doubles the embedding cost: real speech decides the default.
+
+    Measured (DER at collar 0; tuning sets easy seed 7 / hard seed 11 / pyannote's real call): whole tracks
+    (`split_pause_seconds=null`) 0.071 / 0.270 / 0.090, units 0.027 / 0.239 / 0.090 at about the same cost.
+    Re-segmentation after clustering (1.5 s windows to the nearest centroid, formerly an option) added nothing
+    on top of units (0.027 / 0.239) and hurt the real call (0.151) at 2-3x the cost, so it is gone.
 
     Returns the exclusive spans, plus `background` spans where the segmentation heard a second speaker
-    under them (overlapped speech: it marks the words overlapped and never takes them). Measured against the
-    defaults, in bench/RESULTS.md ("Offline diarizer: segmentation vs windows").
+    under them (overlapped speech: it marks the words overlapped and never takes them). Held-out numbers in
+    bench/RESULTS.md ("Offline diarizer: segmentation vs windows").
     """
 
     def __init__(
@@ -275,8 +358,9 @@ class SegmentationDiarizer:
         threshold: float = 0.25,
         method: str = "average",
         min_cluster_size: int = 1,
-        resegment_seconds: float = 0.0,
-        resegment_margin: float = 0.05,
+        split_pause_seconds: float | None = 0.2,
+        min_unit_seconds: float = 1.0,
+        satellite_margin: float = 0.1,
         num_speakers: int | None = None,
         min_speakers: int | None = None,
         max_speakers: int | None = None,
@@ -297,14 +381,16 @@ class SegmentationDiarizer:
                 ) from error
         model = load_segmentation_model(segmentation or whisperx_segmentation_path())
         self.encoder = DVectorEncoder(device)
-        self.pipeline = offline_pipeline(model, DVectorEmbedding(self.encoder), step_seconds, batch_size)
+        embedding = DVectorEmbedding(self.encoder)
+        self.pipeline = offline_pipeline(
+            model, embedding, step_seconds, batch_size, split_pause_seconds, min_unit_seconds, satellite_margin
+        )
         self.pipeline.instantiate(
             {
                 "segmentation": {"threshold": onset, "min_duration_off": 0.0},
                 "clustering": {"threshold": threshold, "method": method, "min_cluster_size": min_cluster_size},
             }
         )
-        self.resegment_seconds, self.resegment_margin = resegment_seconds, resegment_margin
         self.speakers = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers}
 
     def __call__(self, audio: np.ndarray, regions: list[tuple[float, float]]) -> list[SpeakerSpan]:
@@ -325,42 +411,10 @@ class SegmentationDiarizer:
             SpeakerSpan(str(speaker), float(segment.start), float(segment.end))
             for segment, _, speaker in exclusive.itertracks(yield_label=True)
         ]
-        if self.resegment_seconds > 0 and len(full.labels()) > 1:
-            spans = self.resegment(audio, spans, full.labels(), output.speaker_embeddings)
         for speaker in full.labels():  # what the exclusive diarization gave another speaker: overlap
             for segment in full.label_timeline(speaker).extrude(exclusive.label_timeline(speaker)):
                 spans.append(SpeakerSpan(str(speaker), float(segment.start), float(segment.end), background=True))
         return sorted(spans, key=lambda s: (s.start, s.background))
-
-    def resegment(
-        self, audio: np.ndarray, spans: list[SpeakerSpan], labels: list[str], centroids: np.ndarray
-    ) -> list[SpeakerSpan]:
-        """Step 4: each exclusive span's windows (a span shorter than two is one window) to the nearest
-        speaker centroid. Measured: the segmentation's errors on espeak-ng voices are mostly whole turns
-        given to the previous speaker, so short spans need the pass as much as long ones."""
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        known = norms[:, 0] > 0  # pyannote pads centroids with zeros for speakers only the count added
-        centroids = np.where(known[:, None], centroids / np.where(norms > 0, norms, 1), 0.0)
-        step = self.resegment_seconds
-        tiles = [(i, tile) for i, span in enumerate(spans) for tile in windows([(span.start, span.end)], step, step)]
-        if not tiles:
-            return spans
-        clips = [audio[int(s * MODEL_SAMPLE_RATE) : int(e * MODEL_SAMPLE_RATE)] for _, (s, e, _, _) in tiles]
-        similarity = np.where(known, self.encoder.embed(clips) @ centroids.T, -np.inf)
-        pieces = {i: [] for i, _ in tiles}
-        for (i, (_, _, own_start, own_end)), row in zip(tiles, similarity, strict=True):
-            speaker, best = spans[i].speaker, int(np.argmax(row))
-            if row[best] - row[labels.index(speaker)] > self.resegment_margin:
-                speaker = labels[best]
-            pieces[i].append(SpeakerSpan(speaker, own_start, own_end))
-        result: list[SpeakerSpan] = []
-        for i, span in enumerate(spans):
-            for piece in pieces.get(i, [span]):
-                if result and result[-1].speaker == piece.speaker and piece.start - result[-1].end < 1e-6:
-                    result[-1].end = piece.end
-                else:
-                    result.append(piece)
-        return result
 
 
 class PyannoteDiarizer:

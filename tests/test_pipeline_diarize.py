@@ -40,6 +40,25 @@ def test_max_overlap_drops_heavily_overlapped_turns_only_when_set():
     assert kept == [clear] and rejected == {"overlapped": 1}
 
 
+def test_local_speaker_tracks_are_cut_at_pauses_into_units_and_satellites():
+    from data_pipeline.diarize import split_at_pauses
+
+    activations = np.full((2, 40, 3), 0.1, dtype=np.float32)  # 2 chunks, 40 frames, 3 local speakers
+    activations[0, 2:12, 0] = 0.9  # speaker 0 of chunk 0: 10 frames, a 5-frame pause, 2 frames, 10 frames
+    activations[0, 17:19, 0] = 0.9
+    activations[0, 24:34, 0] = 0.9
+    activations[0, 5:9, 1] = 0.9  # speaker 1: one short stretch, no full piece: stays whole
+    units, hosts = split_at_pauses(activations, onset=0.6, min_pause=4, min_unit=6)
+    assert units.shape == (2, 40, 4)  # chunk 0: speaker 0's three pieces + speaker 1; chunk 1: silent units
+    np.testing.assert_array_equal(units[0, :, :3].sum(axis=1), activations[0, :, 0])  # the pieces add up
+    assert [np.flatnonzero(units[0, :, u] > 0.6)[[0, -1]].tolist() for u in range(3)] == [[2, 11], [17, 18], [24, 33]]
+    assert hosts[0].tolist() == [-1, 0, -1, -1]  # the 2-frame piece follows its nearest full piece
+    np.testing.assert_array_equal(units[0, :, 3], activations[0, :, 1])
+    assert not units[1].any() and (hosts[1] == -1).all()
+    split_nothing, _ = split_at_pauses(activations, onset=0.6, min_pause=10**9, min_unit=6)
+    np.testing.assert_array_equal(split_nothing[0, :, :2], activations[0, :, :2])
+
+
 # -- real audio: espeak-ng voices, one overlap -----------------------------------------------------------
 
 
