@@ -1,0 +1,96 @@
+"""The server built from its config: the checkpoint's model, tokenizer and codec (as eval resolves them), the
+voice store with its built-in voices, conversation memory, the engine, and the FastAPI app around them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from csm_train.generate import Sampling
+from data_pipeline.shards import MIMI_FRAME_RATE
+from eval.run import device_name
+from eval.speaker import Speaker, resolve_checkpoint
+from serve import api
+from serve.conversations import Conversations
+from serve.engine import Engine
+from serve.errors import APIError, install_handlers
+from serve.security import BodyLimit, KeyAuth
+from serve.voices import Transcriber, VoiceStore, make_builtin_voices
+
+log = logging.getLogger(__name__)
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_chars: int = 4096
+    max_body_bytes: int = 16 * MB
+    max_upload_bytes: int = 10 * MB
+    min_voice_seconds: float = 1.0
+    max_voice_seconds: float = 180.0
+    max_context_seconds: float = 60.0
+    max_context_turns: int = 16
+    max_audio_ms: int = 60_000
+    max_request_seconds: float = 300.0
+
+
+class Service:
+    """What the routes share. `limit` is the prompt-plus-answer length a request may use: the backbone's
+    `max_seq_len`, or less (`context_frames`)."""
+
+    def __init__(self, cfg):
+        checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.tokenizer, cfg.codec)
+        speaker = Speaker.from_checkpoint(checkpoint, device_name(cfg.device))
+        self.model, self.tokenizer, self.codec = speaker.model, speaker.tokenizer, speaker.codec
+        self.checkpoint, self.created = checkpoint, int(time.time())
+        self.model_name, self.model_aliases = cfg.model_name, list(cfg.model_aliases)
+        self.limits = Limits(
+            **{k: v for k, v in cfg.limits.items() if not k.endswith("_mb")},
+            max_body_bytes=int(cfg.limits.max_body_mb * MB),
+            max_upload_bytes=int(cfg.limits.max_upload_mb * MB),
+        )
+        max_seq_len = self.model.config.backbone.max_seq_len
+        self.limit = min(cfg.context_frames or max_seq_len, max_seq_len)
+        self.sampling = Sampling(temperature=cfg.sampling.temperature, topk=cfg.sampling.topk)
+        self.seconds_per_char, self.max_audio_seconds = cfg.seconds_per_char, cfg.max_audio_seconds
+        self.chunk_frames = cfg.chunk_frames
+        self.voices = VoiceStore(cfg.voice_dir, self.codec.weights_id)
+        make_builtin_voices(self.voices, cfg.builtin_voices, self.codec.encode)
+        self.transcriber = Transcriber(cfg.asr) if cfg.asr else None
+        self.conversations = Conversations(self.tokenizer, self.limit, cfg.conversation_ttl_s, cfg.max_conversations)
+        self.engine = Engine(self.model, cfg.queue_size)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "csm-train",
+                "checkpoint": str(self.checkpoint.path), "step": self.checkpoint.step,
+                "aliases": self.model_aliases}  # fmt: skip
+
+    def check_model(self, name: str, param: str | None = "model") -> None:
+        if name not in (self.model_name, *self.model_aliases):
+            raise APIError(404, f"model {name!r} not found; this server has {self.model_name!r}", param,
+                           "model_not_found")  # fmt: skip
+
+    def frame_budget(self, text: str, max_audio_length_ms: int | None) -> int:
+        """The answer's frame budget: the request's `max_audio_length_ms`, or as eval's Speaker sets it from the
+        text's length (a model that never says end-of-audio stops there)."""
+        if max_audio_length_ms is None:
+            seconds = min(self.max_audio_seconds, 1.0 + self.seconds_per_char * len(text))
+            return math.ceil(seconds * MIMI_FRAME_RATE)
+        if max_audio_length_ms > self.limits.max_audio_ms:
+            raise APIError(400, f"max_audio_length_ms: at most {self.limits.max_audio_ms}", "max_audio_length_ms",
+                           "invalid_value")  # fmt: skip
+        return math.ceil(max_audio_length_ms / 1000 * MIMI_FRAME_RATE)
+
+
+def create_app(service: Service, keys: list[str]) -> FastAPI:
+    app = FastAPI(title="csm-train serve", summary="OpenAI-compatible speech for a CSM checkpoint")
+    app.state.service = service
+    install_handlers(app)
+    app.include_router(api.router)
+    app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(KeyAuth, keys=keys)  # added last: runs first, before a body is read
+    return app

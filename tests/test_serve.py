@@ -1,0 +1,343 @@
+"""`python -m serve` as users run it: a real server process (uvicorn) on a tiny random-weights checkpoint with a
+byte tokenizer and the random-init Mimi, called with the official `openai` client (and httpx where the client has
+no method). Every response format decodes to 24 kHz audio, both stream formats stream, an uploaded voice is the
+prompt's context, a conversation's context grows and is pruned, a disconnect stops generation, a full queue
+answers 429, bad inputs get their status and message, and a SIGKILL mid-write leaves the voice store readable."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import torch
+
+from csm_train import CSM, CSMConfig
+from csm_train.tokenizer import ByteTokenizer
+from data_pipeline.demo_corpus import speak
+
+KEY = "sk-test-key"
+FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+CONTEXT_FRAMES = 360  # the server's context: small, so a short conversation is pruned
+SHORT = {"max_audio_length_ms": 400, "seed": 0}  # 5 frames
+SERVE_ARGS = ["tokenizer={_target_: csm_train.tokenizer.ByteTokenizer}", "codec='random-init:seed=0'"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    torch.manual_seed(0)
+    CSM(CSMConfig.preset("tiny", text_vocab_size=ByteTokenizer.vocab_size)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """The base URL of a running server; its voice store is built (built-in voices) at its start."""
+    port, voices = free_port(), tmp_path_factory.mktemp("voices")
+    command = [
+        sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, f"voice_dir={voices}",
+        f"port={port}", f"api_keys=[{KEY}]", f"context_frames={CONTEXT_FRAMES}", "queue_size=1",
+        "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
+        "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def say(client, text="Hello there.", voice="alloy", **extra):
+    """One request with the raw response: (audio bytes, headers)."""
+    fmt = extra.pop("response_format", "pcm")
+    response = client.audio.speech.with_raw_response.create(
+        model="csm", input=text, voice=voice, response_format=fmt, extra_body={**SHORT, **extra}
+    )
+    return response.content, response.headers
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int, int]:
+    """(samples, the stream's decoded rate, the rate the container records)."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+        return samples, stream.codec_context.sample_rate, stream.rate
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server}/health").json()
+
+
+def test_models_health_and_keys(server, client):
+    assert [m.id for m in client.models.list()] == ["csm"]
+    assert health(server)["status"] == "ok"  # no key needed
+    anonymous = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        anonymous.models.list()
+    response = httpx.get(f"{server}/v1/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "aac"])
+def test_every_format_decodes_to_24khz(client, fmt):
+    data, headers = say(client, response_format=fmt)
+    samples, rate, recorded = decode(data)
+    if fmt == "opus":  # Opus decodes at 48 kHz by definition; the header records the 24 kHz input
+        assert data[:4] == b"OggS" and rate == 48_000 and recorded == 48_000
+        head = data.index(b"OpusHead")
+        assert int.from_bytes(data[head + 12 : head + 16], "little") == 24_000
+    else:
+        assert rate == 24_000
+    seconds = len(samples) / rate
+    assert 0.35 <= seconds <= 0.5, seconds  # 5 frames = 0.4 s (+ the lossy encoders' padding)
+    assert headers["content-type"].startswith("audio/")
+
+
+def test_pcm_is_headerless_s16le_and_same_seed_same_audio(client):
+    pcm, _ = say(client, response_format="pcm")
+    wav, _ = say(client, response_format="wav")
+    assert len(pcm) == 5 * FRAME_SAMPLES * 2
+    samples, rate = sf.read(io.BytesIO(wav), dtype="int16")
+    assert rate == 24_000 and samples.tobytes() == pcm  # same seed, same audio, whatever the format
+    other, _ = say(client, response_format="pcm", seed=1)
+    assert other != pcm
+
+
+def test_sse_stream(client):
+    with client.audio.speech.with_streaming_response.create(
+        model="csm", input="Hello there.", voice="alloy", response_format="pcm", stream_format="sse",
+        extra_body={"max_audio_length_ms": 800, "seed": 0},
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    *deltas, done = events
+    assert len(deltas) == 2 and all(e["type"] == "speech.audio.delta" for e in deltas)  # chunk_frames=5
+    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(audio) == 10 * FRAME_SAMPLES * 2
+    assert done["type"] == "speech.audio.done" and done["usage"]["output_tokens"] == 10
+    usage = done["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + 10 and usage["context_turns"] == 1
+
+
+def test_audio_stream_arrives_in_pieces(client):
+    pieces = []
+    with client.audio.speech.with_streaming_response.create(
+        model="csm", input="Hello there.", voice="alloy", response_format="pcm",
+        extra_body={"max_audio_length_ms": 1200, "seed": 0},
+    ) as response:  # fmt: skip
+        for piece in response.iter_bytes():
+            pieces.append((time.monotonic(), len(piece)))
+    assert sum(n for _, n in pieces) == 15 * FRAME_SAMPLES * 2
+    assert len(pieces) >= 2 and pieces[-1][0] - pieces[0][0] > 0.05  # the first piece left before the last was made
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "me.wav"
+    sf.write(path, speak("I made some tea for everyone this morning.", "en+quincy", 150), 24_000)
+    return path
+
+
+def test_uploaded_voice_is_the_prompts_context(server, client, clip):
+    transcript = "I made some tea for everyone this morning."
+    voice = client.audio.voices.create(
+        audio_sample=("me.wav", clip.read_bytes(), "audio/wav"), consent="cons_test", name="me",
+        extra_body={"transcript": transcript},
+    )  # fmt: skip
+    assert voice.object == "audio.voice" and voice.id.startswith("voice_") and voice.name == "me"
+    listed = {v["id"]: v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"]}
+    assert set(listed) == {"alloy", voice.id} and listed["alloy"]["builtin"]
+    frames = listed[voice.id]["frames"]
+    assert listed[voice.id]["transcript"] == transcript and 20 < frames < 60  # ~2.5 s at 12.5 Hz
+
+    _, headers = say(client, voice={"id": voice.id})
+    text_positions = len(f"[0]{transcript}".encode()) + 2  # BOS, EOS
+    answer_positions = len(b"[0]Hello there.") + 2
+    assert int(headers["x-csm-voice-frames"]) == frames
+    assert int(headers["x-csm-input-tokens"]) == text_positions + frames + 1 + answer_positions
+    _, by_name = say(client, voice="me")
+    assert by_name["x-csm-input-tokens"] == headers["x-csm-input-tokens"]
+
+    deleted = client.audio.voices.delete(voice.id)
+    assert deleted.deleted and deleted.id == voice.id
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        say(client, voice={"id": voice.id})
+
+
+def test_upload_without_transcript_is_transcribed(server, client, clip):
+    voice = client.audio.voices.create(
+        audio_sample=("me.wav", clip.read_bytes(), "audio/wav"), consent="cons_test", name="asr"
+    )
+    listed = {v["id"]: v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"]}
+    assert "tea" in listed[voice.id]["transcript"].lower()  # Whisper tiny.en heard the espeak clip
+    client.audio.voices.delete(voice.id)
+
+
+def test_conversation_grows_then_is_pruned(server, client):
+    text = "Tell me more about the weather today."
+    seen = []
+    for _ in range(6):
+        _, headers = say(client, text, conversation_id="talk-1")
+        seen.append((int(headers["x-csm-context-turns"]), int(headers["x-csm-pruned-turns"])))
+        assert int(headers["x-csm-input-tokens"]) + 5 <= CONTEXT_FRAMES
+    # the prompt: alloy's turn, the earlier turns that fit, the text; positions = bytes + BOS + EOS (+ frames + end)
+    alloy = next(v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"] if v["id"] == "alloy")
+    voice = len(f"[0]{alloy['transcript']}".encode()) + 2 + alloy["frames"] + 1
+    answer = len(f"[0]{text}".encode()) + 2
+    room = CONTEXT_FRAMES - 5 - answer - voice
+    fits = room // (answer + 5 + 1)  # each earlier turn: its text, 5 frames, end of audio
+    assert 1 <= fits <= 4
+    assert seen == [(1 + min(k, fits), max(0, k - fits)) for k in range(6)]  # grows, then the oldest go
+    assert httpx.delete(f"{server}/v1/conversations/talk-1", headers=auth()).json()["deleted"] is True
+    _, headers = say(client, text, conversation_id="talk-1")
+    assert headers["x-csm-context-turns"] == "1"
+    assert httpx.delete(f"{server}/v1/conversations/nope", headers=auth()).status_code == 404
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def long_stream(server):
+    """A request for 20 s of audio, its headers read, its body not."""
+    body = {"model": "csm", "input": "Hello.", "voice": "alloy", "response_format": "pcm",
+            "max_audio_length_ms": 20_000}  # fmt: skip
+    stream = httpx.stream("POST", f"{server}/v1/audio/speech", json=body, headers=auth(), timeout=60)
+    return stream, stream.__enter__()
+
+
+def test_disconnect_stops_generation_and_full_queue_answers_429(server, client):
+    before = health(server)["engine"]["jobs"].get("cancelled", 0)
+    running_ctx, running = long_stream(server)
+    next(running.iter_bytes())  # audio is flowing
+    queued_ctx, queued = long_stream(server)  # waits behind it: queue_size=1
+    wait_for(lambda: health(server)["engine"]["queued"] == 1)
+    with pytest.raises(openai.RateLimitError, match="already waiting"):
+        say(client)
+    running_ctx.__exit__(None, None, None)  # both clients go away
+    queued_ctx.__exit__(None, None, None)
+    wait_for(lambda: health(server)["engine"]["jobs"].get("cancelled", 0) == before + 2)
+    engine = health(server)["engine"]
+    assert engine["running"] == 0 and engine["queued"] == 0
+
+
+@pytest.mark.parametrize(
+    ("request_body", "param", "message"),
+    [
+        ({"input": "x" * 4097}, "input", "at most 4096"),
+        ({"response_format": "ogg"}, "response_format", "response_format"),
+        ({"voice": "nobody"}, "voice", "voice 'nobody' not found"),
+        ({"voice": {"id": "voice_../../etc"}}, "voice", "not found"),
+        ({"speed": 1.5}, "speed", "only 1.0"),
+        ({"model": "gpt-5"}, "model", "model 'gpt-5' not found"),
+        ({"max_audio_length_ms": 10**7}, "max_audio_length_ms", "at most"),
+        ({"tempreature": 0.5}, "tempreature", "Extra inputs"),
+        ({"context": [{"text": "hi", "audio": "not base64!"}]}, "context.0.audio", "not base64"),
+        ({"context": [{"text": "hi", "audio": base64.b64encode(b"just text " * 200).decode()}]},
+         "context.0.audio", "not_audio"),
+    ],
+)  # fmt: skip
+def test_bad_speech_requests(server, request_body, param, message):
+    body = {"model": "csm", "input": "Hello.", "voice": "alloy", **request_body}
+    response = httpx.post(f"{server}/v1/audio/speech", json=body, headers=auth())
+    status = 404 if param == "model" else 400
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_bad_uploads(server, client, clip):
+    with pytest.raises(openai.BadRequestError, match="not_audio"):
+        client.audio.voices.create(audio_sample=("x.wav", b"hello " * 500, "audio/wav"), consent="c", name="x")
+    with pytest.raises(openai.BadRequestError, match="too_short"):
+        client.audio.voices.create(audio_sample=("x.wav", clip.read_bytes()[:20_000], "audio/wav"), consent="c",
+                                   name="x")  # fmt: skip
+    big = io.BytesIO()
+    sf.write(big, np.zeros(24_000 * 12, np.float32), 24_000, format="WAV", subtype="PCM_16")  # 0.55 MiB
+    with pytest.raises(openai.APIStatusError, match="at most") as raised:
+        client.audio.voices.create(audio_sample=("big.wav", big.getvalue(), "audio/wav"), consent="c", name="x")
+    assert raised.value.status_code == 413
+    huge = b"\0" * (2 << 20)  # over limits.max_body_mb=1
+    response = httpx.post(f"{server}/v1/audio/voices", files={"audio_sample": huge}, data={"name": "x"}, headers=auth())
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+    response = httpx.delete(f"{server}/v1/audio/voices/alloy", headers=auth())
+    assert response.status_code == 400 and "built in" in response.json()["error"]["message"]
+    assert httpx.delete(f"{server}/v1/audio/voices/voice_nope", headers=auth()).status_code == 404
+    assert health(server)["status"] == "ok"  # nothing above hurt the server
+
+
+def test_no_keys_no_public_bind(checkpoint, tmp_path):
+    command = [sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, "host=0.0.0.0"]
+    env = {k: v for k, v in os.environ.items() if k != "CSM_SERVE_API_KEYS"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in done.stderr + done.stdout
+
+
+WRITER = """
+import sys, numpy as np
+from serve.voices import VoiceStore
+store = VoiceStore(sys.argv[1], "random-init:seed=0")
+codes = np.random.default_rng(0).integers(0, 2048, (32, 2000))
+print("ready", flush=True)
+while True:
+    store.add("loop", "words " * 100, codes)
+"""
+
+
+def test_sigkill_mid_write_leaves_the_voice_store_readable(tmp_path):
+    from serve.voices import VoiceStore
+
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    threading.Event().wait(1.0)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    store = VoiceStore(tmp_path, "random-init:seed=0")  # a restart
+    voices = store.list()
+    assert voices and all(v.codes.shape == (32, 2000) and v.transcript for v in voices)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v.id for v in voices)  # no half-written leftovers
