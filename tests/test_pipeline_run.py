@@ -271,13 +271,24 @@ def cli_pipeline(root, out, mimi_dir) -> Pipeline:
         return build(compose("config", cli_overrides(root, out, mimi_dir)))
 
 
-def start_blocked_run(root, out, mimi_dir, attempt: int = 1):
+@pytest.fixture
+def blocked_runs():
+    """The runs `start_blocked_run` starts, killed at the end whatever the test did (else they wait forever)."""
+    processes = []
+    yield processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def start_blocked_run(root, out, mimi_dir, runs: list, attempt: int = 1):
     """`python -m data_pipeline` stuck inside one recording: its sidecar transcript is a FIFO nobody writes."""
     if not (root / "blocked.json").is_fifo():
         (root / "blocked.json").unlink()
         os.mkfifo(root / "blocked.json")
     command = [sys.executable, "-m", "data_pipeline", *cli_overrides(root, out, mimi_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs.append(process)
 
     def blocked_mark():
         at = {"stage": "transcribe", "attempts": attempt}
@@ -287,7 +298,7 @@ def start_blocked_run(root, out, mimi_dir, attempt: int = 1):
     return process, wait_for("the run to block in the recording's transcribe stage", blocked_mark, 120)
 
 
-def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_death(tmp_path, mimi_dir):
+def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_death(tmp_path, mimi_dir, blocked_runs):
     """SIGKILL (what the out-of-memory killer sends) inside a recording: while it ran, a second run on the output
     was refused; after it, the lock is gone and the next run tries the recording again (the kill may have come
     from outside). When that one dies inside it too, the run after records it as `killed` instead of dying on
@@ -296,7 +307,7 @@ def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_de
     root.mkdir()
     write_recording(root / "blocked.wav", seed=0, seconds=6.0)
     write_recording(root / "talk.wav", seed=1, seconds=6.0)
-    process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir)
+    process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir, blocked_runs)
     second = cli_pipeline(root, tmp_path / "out", mimi_dir)
     with pytest.raises(RuntimeError, match=rf"part 0 of .*out is in use by pid {process.pid} on .*: two runs on"):
         second.run_part(0, progress=False)
@@ -307,7 +318,7 @@ def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_de
         process.wait()
         assert json.loads(mark.read_text()) == {"stage": "transcribe", "attempts": attempt}
         if attempt == 1:
-            process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir, attempt=2)  # tried again
+            process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir, blocked_runs, attempt=2)  # tried again
     second.run_part(0, progress=False)
     card = merge(tmp_path / "out", 1)
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").open()]
@@ -315,12 +326,12 @@ def test_a_killed_run_leaves_no_lock_and_its_recording_fails_after_the_second_de
     assert "2 processes died in it at stage transcribe" in failures[0]["error"] and not mark.exists()
 
 
-def test_a_terminated_run_leaves_its_recording_to_be_done_again(tmp_path, mimi_dir):
+def test_a_terminated_run_leaves_its_recording_to_be_done_again(tmp_path, mimi_dir, blocked_runs):
     """SIGTERM (scancel, a time limit) is a clean stop: the mark goes, and the next run processes the recording."""
     root = tmp_path / "in"
     root.mkdir()
     write_recording(root / "blocked.wav", seed=0, seconds=6.0)
-    process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir)
+    process, mark = start_blocked_run(root, tmp_path / "out", mimi_dir, blocked_runs)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert not mark.exists()
