@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from csm_train.layout import Frames, Segment, collate, concat_frames, segment_frames
 from csm_train.tokenizer import TextTokenizer
@@ -441,3 +446,95 @@ class FrameStream(IterableDataset):
                 "truncated": truncated,
             }
             rows, skipped, truncated = [], 0, 0
+
+
+class CSMDataModule(L.LightningDataModule):
+    """Shards → `FrameStream` per rank; its position is part of every checkpoint (exact resume)."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: TextTokenizer,
+        num_codebooks: int = 32,
+        max_seq_len: int = 2048,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        synthetic_corpus: bool = False,
+        pack_lookahead: int = 64,
+        holdout: float = 0.0,
+    ):
+        """`holdout`: the share of samples (by a hash of their key) kept out of training for validation."""
+        super().__init__()
+        self.path, self.tokenizer, self.synthetic_corpus = path, tokenizer, synthetic_corpus
+        self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pack_lookahead, self.holdout = pack_lookahead, holdout
+        self.stream_state = StreamState()
+
+    def prepare_data(self) -> None:
+        """Write the synthetic corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
+        path = Path(self.path)
+        if self.synthetic_corpus and not (path / "manifest.jsonl").exists():
+            from data_pipeline.synthetic import write_synthetic_corpus
+
+            # The jobs of a sweep may all start here at once: each writes its own copy, the first rename wins.
+            staging = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
+            write_synthetic_corpus(staging, num_codebooks=self.num_codebooks)
+            try:
+                staging.rename(path)
+            except OSError:  # another job's copy is in place (the same corpus: same seed), or debris
+                shutil.rmtree(staging)
+                if not (path / "manifest.jsonl").exists():
+                    raise FileExistsError(
+                        f"{path} is not a dataset (no manifest.jsonl): remove it and run again"
+                    ) from None
+
+    def train_dataloader(self) -> DataLoader:
+        stream = FrameStream(
+            self.path,
+            self.tokenizer,
+            num_codebooks=self.num_codebooks,
+            max_seq_len=self.max_seq_len,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world_size=self.trainer.world_size if self.trainer else 1,
+            state=self.stream_state,
+            lookahead=self.pack_lookahead,
+            holdout=self.holdout,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.workers(stream), persistent_workers=False)
+
+    def workers(self, stream: FrameStream) -> int:
+        """`num_workers`, or fewer where the shards cannot feed that many: each worker of each rank reads its own
+        shards (csm_train/data.py), and a 5-minute fine-tuning set is a single shard. Fewer shards than ranks is
+        the stream's own error (`FrameStream._slot`)."""
+        per_rank = len(stream.shards) // stream.world_size
+        if self.num_workers > per_rank > 0:
+            if stream.rank == 0:
+                log.info("data.num_workers=%d → %d: %d shard(s) per rank", self.num_workers, per_rank, per_rank)
+            return per_rank
+        return self.num_workers
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.holdout:
+            return []  # no validation
+        held = HeldOutSet(self.path, self.tokenizer, self.num_codebooks, self.max_seq_len, self.holdout)
+        return DataLoader(held, batch_size=self.batch_size, collate_fn=held.collate)
+
+    def state_dict(self) -> dict:
+        """Every rank's stream position (each rank only sees its own slots), merged on all ranks."""
+        state = self.stream_state.state_dict()
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (state, sorted(self.stream_state.advanced)))
+            # After a resume every rank holds every slot as restored; only the rank reading a slot knows where
+            # it is now. So: the restored positions first, then each rank's own slots over them.
+            slots = {k: v for s, _ in gathered for k, v in s["slots"].items()}
+            slots.update({str(k): s["slots"][str(k)] for s, advanced in gathered for k in advanced})
+            state = {**state, "slots": slots}
+        return {"stream": state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream_state.load_state_dict(state["stream"])

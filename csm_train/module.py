@@ -1,33 +1,23 @@
-"""Lightning wiring: the CSM training step, the optimizer and schedule, and the data module.
+"""Lightning wiring: the CSM training step, the optimizer and schedule, NaN skipping.
 
-The model is `model.py`, the loss `loss.py`, the data stream `data.py`; this file only connects them to
-Lightning (strategies, precision, checkpoints, logging)."""
+The model is `model.py`, the loss `loss.py`, the data stream and its data module `data.py`; this file only
+connects them to Lightning (strategies, precision, checkpoints, logging)."""
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import shutil
-import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from torch.utils.data import DataLoader
 
 from csm_train.checkpoint import load_initial_weights
-from csm_train.data import FrameStream, HeldOutSet, StreamState, attention_mask
+from csm_train.data import CSMDataModule, attention_mask
 from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
 from csm_train.model import CSM, CSMConfig
-from csm_train.tokenizer import TextTokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,7 +121,6 @@ class CSMModule(L.LightningModule):
         optim: OptimConfig | dict | None = None,
         seed: int = 0,
         max_bad_steps: int = 5,
-        peak_flops: float | None = None,
         init_from: str | None = None,
         freeze: list[str] = (),
         lora: LoraConfig | dict | None = None,
@@ -157,7 +146,7 @@ class CSMModule(L.LightningModule):
         self.lora = LoraConfig(**lora) if isinstance(lora, dict) else (lora or LoraConfig())
         if self.lora.rank:
             apply_lora(self.model, self.lora)
-        self.seed, self.max_bad_steps, self.peak_flops = seed, max_bad_steps, peak_flops
+        self.seed, self.max_bad_steps = seed, max_bad_steps
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
         self.drop_update = False  # a micro-batch of this optimizer step had a non-finite loss on some rank
@@ -306,95 +295,3 @@ class CSMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.bad_steps_total = checkpoint.get("bad_steps_total", 0)
-
-
-class CSMDataModule(L.LightningDataModule):
-    """Shards → `FrameStream` per rank; its position is part of every checkpoint (exact resume)."""
-
-    def __init__(
-        self,
-        path: str,
-        tokenizer: TextTokenizer,
-        num_codebooks: int = 32,
-        max_seq_len: int = 2048,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        seed: int = 0,
-        synthetic_corpus: bool = False,
-        pack_lookahead: int = 64,
-        holdout: float = 0.0,
-    ):
-        """`holdout`: the share of samples (by a hash of their key) kept out of training for validation."""
-        super().__init__()
-        self.path, self.tokenizer, self.synthetic_corpus = path, tokenizer, synthetic_corpus
-        self.num_codebooks, self.max_seq_len = num_codebooks, max_seq_len
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.pack_lookahead, self.holdout = pack_lookahead, holdout
-        self.stream_state = StreamState()
-
-    def prepare_data(self) -> None:
-        """Write the synthetic corpus on first use (rank 0 only; Lightning calls this before other ranks read)."""
-        path = Path(self.path)
-        if self.synthetic_corpus and not (path / "manifest.jsonl").exists():
-            from data_pipeline.synthetic import write_synthetic_corpus
-
-            # The jobs of a sweep may all start here at once: each writes its own copy, the first rename wins.
-            staging = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
-            write_synthetic_corpus(staging, num_codebooks=self.num_codebooks)
-            try:
-                staging.rename(path)
-            except OSError:  # another job's copy is in place (the same corpus: same seed), or debris
-                shutil.rmtree(staging)
-                if not (path / "manifest.jsonl").exists():
-                    raise FileExistsError(
-                        f"{path} is not a dataset (no manifest.jsonl): remove it and run again"
-                    ) from None
-
-    def train_dataloader(self) -> DataLoader:
-        stream = FrameStream(
-            self.path,
-            self.tokenizer,
-            num_codebooks=self.num_codebooks,
-            max_seq_len=self.max_seq_len,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            rank=self.trainer.global_rank if self.trainer else 0,
-            world_size=self.trainer.world_size if self.trainer else 1,
-            state=self.stream_state,
-            lookahead=self.pack_lookahead,
-            holdout=self.holdout,
-        )
-        return DataLoader(stream, batch_size=None, num_workers=self.workers(stream), persistent_workers=False)
-
-    def workers(self, stream: FrameStream) -> int:
-        """`num_workers`, or fewer where the shards cannot feed that many: each worker of each rank reads its own
-        shards (csm_train/data.py), and a 5-minute fine-tuning set is a single shard. Fewer shards than ranks is
-        the stream's own error (`FrameStream._slot`)."""
-        per_rank = len(stream.shards) // stream.world_size
-        if self.num_workers > per_rank > 0:
-            if stream.rank == 0:
-                log.info("data.num_workers=%d → %d: %d shard(s) per rank", self.num_workers, per_rank, per_rank)
-            return per_rank
-        return self.num_workers
-
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.holdout:
-            return []  # no validation
-        held = HeldOutSet(self.path, self.tokenizer, self.num_codebooks, self.max_seq_len, self.holdout)
-        return DataLoader(held, batch_size=self.batch_size, collate_fn=held.collate)
-
-    def state_dict(self) -> dict:
-        """Every rank's stream position (each rank only sees its own slots), merged on all ranks."""
-        state = self.stream_state.state_dict()
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (state, sorted(self.stream_state.advanced)))
-            # After a resume every rank holds every slot as restored; only the rank reading a slot knows where
-            # it is now. So: the restored positions first, then each rank's own slots over them.
-            slots = {k: v for s, _ in gathered for k, v in s["slots"].items()}
-            slots.update({str(k): s["slots"][str(k)] for s, advanced in gathered for k in advanced})
-            state = {**state, "slots": slots}
-        return {"stream": state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream_state.load_state_dict(state["stream"])

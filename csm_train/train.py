@@ -12,13 +12,13 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from csm_train.checkpoint import last_checkpoint
 from csm_train.console import StepProgress, quiet_libraries
-from csm_train.data import positions_per_epoch
+from csm_train.data import CSMDataModule, positions_per_epoch
 from csm_train.model import CSMConfig
-from csm_train.module import CSMDataModule, CSMModule
+from csm_train.module import CSMModule
 from csm_train.plan import decoder_frames_run, format_plan, gpu_peak_bf16_flops, plan, train_step_flops
 from csm_train.preemption import Preemption
 from csm_train.run_dir import check_run_dir, claim_run_dir, run_identity
@@ -178,11 +178,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Callback] = ()) -> L.Trainer | 
         callbacks.append(best)
         if cfg.early_stopping.patience:
             callbacks.append(EarlyStopping(check_on_train_epoch_end=False, **cfg.early_stopping))
-    if cfg.evaluate.every_n_steps:
-        from eval.callback import EvaluateEvery
-
-        settings = OmegaConf.to_container(cfg.evaluate, resolve=True)
-        callbacks.append(EvaluateEvery(out_dir=run_dir / "eval", **settings))
+    if cfg.evaluate.every_n_steps:  # the suites live in eval/, which builds on the trainer: named by the config
+        callbacks.append(hydra.utils.instantiate(cfg.evaluate, out_dir=run_dir / "eval", _convert_="all"))
     # Without a validation split there is nothing to validate: no loop, not an empty one (Lightning warns on it).
     no_validation = {} if cfg.data.holdout else {"limit_val_batches": 0}
     trainer: L.Trainer = hydra.utils.instantiate(

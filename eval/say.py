@@ -13,9 +13,10 @@ import argparse
 import soundfile as sf
 
 from csm_train.generate import Sampling
+from csm_train.layout import Segment
 from data_pipeline.audio import SAMPLE_RATE, load_audio
 from eval.run import device_name
-from eval.speaker import Speaker, Turn, resolve_checkpoint
+from eval.speaker import Speaker, resolve_checkpoint
 
 
 def main() -> None:
@@ -46,8 +47,8 @@ def main() -> None:
     turns = []
     if args.context:
         (codes,) = speaker.encode([load_audio(args.context, target_lufs=None)])
-        turns.append(Turn(args.speaker, args.context_text, codes))
-    (audio,) = speaker.say([[*turns, Turn(args.speaker, args.text)]])
+        turns.append(Segment(args.speaker, args.context_text, codes))
+    (audio,) = speaker.say([[*turns, Segment(args.speaker, args.text)]])
     sf.write(args.out, audio, SAMPLE_RATE)
     print(f"{args.out}: {len(audio) / SAMPLE_RATE:.1f} s from {checkpoint.path}")
 

@@ -27,13 +27,6 @@ from data_pipeline.shards import MIMI_FRAME_RATE
 
 
 @dataclass
-class Turn:
-    speaker: int
-    text: str
-    codes: np.ndarray | None = None  # [K, n] Mimi codes of the turn's audio; None for the turn to generate
-
-
-@dataclass
 class Checkpoint:
     """A checkpoint resolved for evaluation: what it is, where it came from, what it was trained on."""
 
@@ -141,11 +134,13 @@ class Speaker:
         seconds = min(self.max_seconds, 1.0 + self.seconds_per_char * len(text))
         return math.ceil(seconds * MIMI_FRAME_RATE)
 
-    def encode(self, audios: list[np.ndarray]) -> list[np.ndarray]:
-        return self.codec.encode(audios)
+    def encode(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """24 kHz clips → their Mimi codes `[K, n]`, as a context `Segment` takes them."""
+        return [torch.from_numpy(codes.astype(np.int64)) for codes in self.codec.encode(audios)]
 
-    def say(self, conversations: list[list[Turn]]) -> list[np.ndarray]:
-        """For each conversation (context turns with codes, then the turn to speak): its 24 kHz audio."""
+    def say(self, conversations: list[list[Segment]]) -> list[np.ndarray]:
+        """For each conversation (context turns with codes, then the turn to speak, text only): its 24 kHz
+        audio."""
         K = self.model.config.num_codebooks
         out: list[np.ndarray] = []
         for start in range(0, len(conversations), self.batch_size):
@@ -153,8 +148,7 @@ class Speaker:
             prompts = []
             for turns in batch:
                 *context, last = turns
-                segments = [Segment(t.speaker, t.text, torch.as_tensor(t.codes.astype(np.int64))) for t in context]
-                prompts.append(prompt_frames(self.tokenizer, K, last.text, last.speaker, segments))
+                prompts.append(prompt_frames(self.tokenizer, K, last.text, last.speaker, context))
             budgets = [self.budget(turns[-1].text) for turns in batch]
             device = self.model.codebook0_head.weight.device
             prompts = [(t.to(device), m.to(device)) for t, m in prompts]

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from csm_train.layout import Segment
 from data_pipeline.codec import RANDOM_INIT
 from data_pipeline.shards import MIMI_SAMPLE_RATE
 from eval.metrics import Estimate, bootstrap, word_error_rates
 from eval.pronunciation import CONSISTENCY_WORDS, HOMOGRAPHS, judge
-from eval.speaker import Speaker, Turn
+from eval.speaker import Speaker
 from eval.suite_data import espeak_variants, load_suite_data
 
 PROMPT_SPEAKER = 0  # the prompt turn and the answer share a speaker id: the answer continues the voice
@@ -84,7 +85,7 @@ class Session:
         for i, row in enumerate(rows):
             prompt = self.prompts[i % len(self.prompts)]
             conversations.append(
-                [Turn(PROMPT_SPEAKER, prompt["text"], prompt["codes"]), Turn(PROMPT_SPEAKER, row["text"])]
+                [Segment(PROMPT_SPEAKER, prompt["text"], prompt["codes"]), Segment(PROMPT_SPEAKER, row["text"])]
             )
         audios = self.speaker.say(conversations)
         return [
@@ -233,7 +234,7 @@ class PronunciationSuite(Suite):
         super().__init__(keep_audio)
         self.judge_model = judge
 
-    def conversations(self, session: Session, rows: list[dict]) -> list[list[Turn]]:
+    def conversations(self, session: Session, rows: list[dict]) -> list[list[Segment]]:
         raise NotImplementedError
 
     def run(self, session: Session) -> SuiteResult:
@@ -277,12 +278,12 @@ class HomographSuite(PronunciationSuite):
     name, data = "homograph", "homographs"
     variants = HOMOGRAPHS
 
-    def conversations(self, session: Session, rows: list[dict]) -> list[list[Turn]]:
+    def conversations(self, session: Session, rows: list[dict]) -> list[list[Segment]]:
         conversations = []
         for i, row in enumerate(rows):
             prompt = session.prompts[i % len(session.prompts)]
             conversations.append(
-                [Turn(PROMPT_SPEAKER, prompt["text"], prompt["codes"]), Turn(PROMPT_SPEAKER, row["text"])]
+                [Segment(PROMPT_SPEAKER, prompt["text"], prompt["codes"]), Segment(PROMPT_SPEAKER, row["text"])]
             )
         return conversations
 
@@ -295,7 +296,7 @@ class ConsistencySuite(PronunciationSuite):
     name, data = "consistency", "consistency"
     variants = CONSISTENCY_WORDS
 
-    def conversations(self, session: Session, rows: list[dict]) -> list[list[Turn]]:
+    def conversations(self, session: Session, rows: list[dict]) -> list[list[Segment]]:
         from data_pipeline.demo_corpus import speak
 
         spellings = espeak_variants()
@@ -307,6 +308,6 @@ class ConsistencySuite(PronunciationSuite):
             contexts.append(speak(text, f"en-us+{voice}" if voice else "en-us", speed=165))
         codes = session.speaker.encode(contexts)
         return [
-            [Turn(PROMPT_SPEAKER, row["context"], c), Turn(PROMPT_SPEAKER, row["text"])]
+            [Segment(PROMPT_SPEAKER, row["context"], c), Segment(PROMPT_SPEAKER, row["text"])]
             for row, c in zip(rows, codes, strict=True)
         ]

@@ -82,8 +82,9 @@ def test_sigkill_and_restart_resumes_exactly(tmp_path, demo_data):
     reference = run_cli(tmp_path / "ref", *common)
     killed = run_cli(tmp_path / "killed", *common)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000004.ckpt"
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"  # linked just after the save: kill after both
     deadline = time.time() + 300
-    while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+    while not (first_checkpoint.exists() and last.exists()) and killed.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -165,7 +166,8 @@ def test_unknown_preset_is_a_clear_error(tmp_path):
 def test_nonfinite_loss_skips_steps_then_stops_clearly(tmp_path, demo_data):
     import lightning as L
 
-    from csm_train.module import CSMDataModule, CSMModule
+    from csm_train.data import CSMDataModule
+    from csm_train.module import CSMModule
     from csm_train.tokenizer import ByteTokenizer
 
     module = CSMModule(text_vocab_size=ByteTokenizer.vocab_size, max_bad_steps=3)
