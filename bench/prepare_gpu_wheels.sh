@@ -6,7 +6,7 @@
 #
 # What the GPU machine lacks on the training path: hydra-core + omegaconf + antlr4 (python -m csm_train),
 # webdataset + braceexpand (csm_train/data.py, data_pipeline/shards.py), deepspeed (trainer=deepspeed_*,
-# csm_train.consolidate) and deepspeed's small requirements (hjson, ninja, py-cpuinfo, msgpack, einops,
+# csm_train.convert --to ours) and deepspeed's small requirements (hjson, ninja, py-cpuinfo, msgpack, einops,
 # psutil, pydantic). submitit is not here: only hydra/launcher=slurm imports it, never the training path.
 # gpu_check.sh installs with pip's resolver against what is already installed there, so a package the GPU
 # machine has (numpy, pyyaml, packaging, tqdm, typing-extensions, torch) is never replaced.

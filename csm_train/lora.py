@@ -3,7 +3,7 @@
 `model.lora.rank > 0` injects a low-rank update `W + (alpha / rank) · B A` beside each targeted weight and
 trains only A and B (the rest of the model is frozen). Checkpoints then hold peft's names
 (`…q_proj.base_layer.weight`, `…q_proj.lora_A.default.weight`, …) plus `checkpoint["lora"]`; every export path
-(`csm_train.convert`, `consolidate`, evaluation) merges them into plain weights with `merge_lora_weights`, so
+(`csm_train.convert`, `CSM.from_pretrained`, evaluation) merges them into plain weights with `merge_lora_weights`, so
 what leaves training is an ordinary CSM in any format.
 """
 
