@@ -157,7 +157,7 @@ async def _audio(service, job, encoder: Encoder, finished):
     try:
         async for chunk in job.chunks(service.chunk_frames):
             codes.append(chunk)
-            samples = await run_in_threadpool(decoder.decode, chunk)
+            samples = await service.in_codec_thread(decoder.decode, chunk)
             data = await run_in_threadpool(encoder.feed, samples)
             if data:
                 yield data
@@ -168,10 +168,13 @@ async def _audio(service, job, encoder: Encoder, finished):
 
 
 async def _sse(audio, job, usage: dict):
-    async for data in audio:
-        if data:
-            event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
-            yield f"data: {json.dumps(event)}\n\n"
+    try:
+        async for data in audio:
+            if data:
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                yield f"data: {json.dumps(event)}\n\n"
+    finally:
+        job.cancel()  # a client gone: stop now, not when the inner generator is collected
     usage = {**usage, "output_tokens": job.frames, "total_tokens": usage["input_tokens"] + job.frames}
     yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage, 'stop_reason': job.ended})}\n\n"
 
@@ -182,21 +185,25 @@ async def _context_turn(service, turn: ContextTurn, index: int) -> Segment:
         data = base64.b64decode(turn.audio, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, f"{param}: not base64", param, "invalid_value") from None
-    codes, _ = await run_in_threadpool(_encode_upload, service, data, param, service.limits.max_context_seconds)
+    codes, _ = await _encode_upload(service, data, param, service.limits.max_context_seconds)
     return Segment(turn.speaker, turn.text, torch.as_tensor(codes.astype("int64")), train=False)
 
 
-def _encode_upload(service, data: bytes, param: str, max_seconds: float):
-    """Audio file bytes → Mimi codes of the pipeline's normalised audio; AudioError → 400 saying why."""
+async def _encode_upload(service, data: bytes, param: str, max_seconds: float):
+    """Audio file bytes → (Mimi codes, the pipeline's normalised audio); AudioError → 400 saying why."""
+    audio = await run_in_threadpool(_ingest, data, param, service.limits.min_voice_seconds, max_seconds)
+    (codes,) = await service.in_codec_thread(service.codec.encode, [audio])
+    return codes, audio
+
+
+def _ingest(data: bytes, param: str, min_seconds: float, max_seconds: float):
     with tempfile.NamedTemporaryFile(prefix="csm-serve-", suffix=".upload") as f:
         f.write(data)
         f.flush()
         try:
-            audio = ingest(Path(f.name), service.limits.min_voice_seconds, max_seconds)
+            return ingest(Path(f.name), min_seconds, max_seconds)
         except AudioError as error:
             raise APIError(400, f"{param}: {error.reason}: {error.detail}", param, f"audio_{error.reason}") from None
-    (codes,) = service.codec.encode([audio])
-    return codes, audio
 
 
 @router.get("/v1/audio/voices")
@@ -225,7 +232,7 @@ async def create_voice(
     if transcript is None and service.transcriber is None:
         raise APIError(400, "transcript is required: this server has no ASR (asr: null)", "transcript", "missing")
     data = await audio_sample.read()
-    codes, audio = await run_in_threadpool(_encode_upload, service, data, "audio_sample", limits.max_voice_seconds)
+    codes, audio = await _encode_upload(service, data, "audio_sample", limits.max_voice_seconds)
     words = None
     if transcript is None:
         words = await run_in_threadpool(service.transcriber.words, audio)

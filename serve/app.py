@@ -3,11 +3,14 @@ voice store with its built-in voices, conversation memory, the engine, and the F
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI
 
 from csm_train.generate import Sampling
@@ -43,6 +46,8 @@ class Service:
     `max_seq_len`, or less (`context_frames`)."""
 
     def __init__(self, cfg):
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.tokenizer, cfg.codec)
         speaker = Speaker.from_checkpoint(checkpoint, device_name(cfg.device))
         self.model, self.tokenizer, self.codec = speaker.model, speaker.tokenizer, speaker.codec
@@ -62,7 +67,14 @@ class Service:
         make_builtin_voices(self.voices, cfg.builtin_voices, self.codec.encode)
         self.transcriber = Transcriber(cfg.asr) if cfg.asr else None
         self.conversations = Conversations(self.tokenizer, self.limit, cfg.conversation_ttl_s, cfg.max_conversations)
-        self.engine = Engine(self.model, cfg.queue_size)
+        self.engine = Engine(self.model, cfg.queue_size, cfg.max_batch)
+        # Mimi runs on one thread of its own: every request's audio is decoded by the same thread, so by the same
+        # kernels (a thread that other libraries' calls, such as the ASR's, left with other settings could round
+        # differently), and the engine's thread and this one share the CPU without oversubscribing it.
+        self.codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csm-codec")
+
+    async def in_codec_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.codec_thread, fn, *args)
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "csm-train",

@@ -1,28 +1,35 @@
 """The scheduler that owns the model: requests go in as jobs (a prompt, its own `Sampling`, a time limit), their
-frames come out as they are generated.
+frames come out as they are generated, and concurrent jobs share every frame step.
 
-This first version runs one job at a time on one worker thread, through `csm_train.generate.generate_steps`
-(Sesame's frame loop with KV caches): the event loop stays free for other requests while the model works, and
-a job's frames reach its request as each is made. The interface is the batched scheduler's (issue 16, item 5):
-`submit` puts a job in a bounded queue (`QueueFull` → 429), `Job.frames()` yields its frames, `Job.cancel()`
-(a client that disconnected) stops it at the next frame. Batching frame steps across jobs — a job joins at the
-next frame, leaves when done, keeps its own sampling and seed — replaces `_run` without changing them.
+One worker thread runs Sesame's frame loop (as `csm_train.generate.generate_steps`: the backbone reads one frame
+per step through its KV cache, then the depth decoder makes the frame's codebooks) over a batch whose rows are
+jobs. A job waiting in the queue joins at the next step and a job that ended (end-of-audio frame, its frame
+budget, its time limit, or a cancel from a client that went away) leaves after the step that ended it: its
+row is dropped from the caches. Each row samples with its own temperature, top-k and seeded generator, so a seed
+gives the same codes whether its job ran alone or beside others.
+
+How rows of different lengths share a step: all rows write the same cache position `t` each step (the model's
+KV cache writes one position for the whole batch). A joining job's prompt of `L` frames is read into a
+one-row cache at positions `t-L+1 .. t` (RoPE depends only on distances, so a prompt shifted right attends as it
+would at 0, as left padding does in `generate_steps`), then that row is appended to the batch's caches; each
+row masks the positions before its prompt. A job therefore joins once `L <= t + 1` and its frames still fit
+below `max_seq_len`; otherwise it waits (first come, first served) and the next batch starts at its length when
+the current one drains. A bounded queue answers `QueueFull` (429) beyond `queue_size` waiting jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 
-from csm_train.generate import Sampling, generate_steps
+from csm_train.generate import MIMI_CODES, Sampling, sample_topk
 from csm_train.model import CSM
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ class QueueFull(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt: tuple[torch.Tensor, torch.Tensor]  # (tokens, tokens_mask) [T, K+1] from prompt_frames
     sampling: Sampling
@@ -42,6 +49,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: str | None = None  # eos | max_frames | time_limit | cancelled | error
     frames: int = 0
+    generator: torch.Generator | None = None
+    deadline: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -67,66 +76,187 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: CSM, queue_size: int):
-        self.model = model
+    def __init__(self, model: CSM, queue_size: int, max_batch: int):
+        self.model, self.queue_size, self.max_batch = model, queue_size, max_batch
         self.device = model.codebook0_head.weight.device
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.counts: Counter[str] = Counter()  # jobs by how they ended
-        self.running = 0
+        self.limit = model.config.backbone.max_seq_len
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self.rows: list[Job] = []
+        self.counts: Counter[str] = Counter()  # jobs by how they ended, and steps (all, and shared by >1 job)
+        self.peak_rows = 0
         self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt: tuple[torch.Tensor, torch.Tensor], sampling: Sampling, max_seconds: float) -> Job:
         job = Job(prompt, sampling, max_seconds, asyncio.get_running_loop())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self._queue.maxsize} requests are already waiting: try again shortly") from None
+        with self._wake:
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting: try again shortly")
+            self._waiting.append(job)
+            self._wake.notify()
         return job
 
     def stats(self) -> dict:
-        return {"queued": self._queue.qsize(), "running": self.running, "jobs": dict(self.counts)}
+        jobs = {k: v for k, v in self.counts.items() if not k.startswith("steps")}
+        return {"queued": len(self._waiting), "running": len(self.rows), "peak_batch": self.peak_rows,
+                "steps": self.counts["steps"], "batched_steps": self.counts["steps_batched"], "jobs": jobs}  # fmt: skip
 
     def close(self) -> None:
-        """Stop after the jobs already queued."""
-        self._queue.put(None)
+        """Stop once the running and waiting jobs are done."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
         self._thread.join()
 
+    # -- the worker --------------------------------------------------------------------------------------
+
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            with self._wake:
+                while not self.rows and not self._waiting:
+                    if self._closing:
+                        return
+                    self._wake.wait()
+                joining = self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step(joining)
+            except Exception as error:  # the step's jobs fail with it; the engine goes on
+                log.exception("generation step failed")
+                for job in dict.fromkeys([*self.rows, *joining]):
+                    self._finish(job, "error", error)
+                self.rows = []
+                self.model.remove_caches()
+
+    def _admit(self) -> list[Job]:
+        """Jobs from the head of the queue that can join this step (see the module's docstring)."""
+        joining = []
+        while self._waiting and len(self.rows) + len(joining) < self.max_batch:
+            job = self._waiting[0]
             if job.cancelled.is_set():
+                self._waiting.popleft()
                 self._finish(job, "cancelled")
                 continue
-            self.running = 1
-            try:
-                self._finish(job, self._run(job))
-            except Exception as error:  # one job's failure is its request's error, not the server's
-                log.exception("generation failed")
-                self._finish(job, "error", error)
-            finally:
-                self.running = 0
+            length = len(job.prompt[0])
+            if not self.rows and not joining:
+                self.t = length - 1  # a new batch: the first prompt starts at position 0
+            if length > self.t + 1 or self.t + 1 + job.sampling.max_frames > self.limit:
+                break
+            self._waiting.popleft()
+            job.generator = None if job.sampling.seed is None else torch.Generator(self.device)
+            if job.generator is not None:
+                job.generator.manual_seed(job.sampling.seed)
+            job.deadline = time.monotonic() + job.max_seconds
+            joining.append(job)
+        return joining
 
-    def _run(self, job: Job) -> str:
-        """Generate one job's frames, sending each as it is made; returns why it ended."""
-        deadline = time.monotonic() + job.max_seconds
-        tokens, mask = (t.to(self.device) for t in job.prompt)
-        steps = generate_steps(self.model, [(tokens, mask)], job.sampling)
-        try:
-            for step in steps:
-                frame = step.frame[0]
-                if (frame == 0).all():
-                    return "eos"
-                job.frames += 1
-                job._send(frame.cpu())
-                if job.cancelled.is_set():
-                    return "cancelled"
-                if time.monotonic() > deadline:
-                    return "time_limit"
-            return "max_frames"
-        finally:
-            steps.close()  # frees the KV caches at once when stopped early
+    def _step(self, joining: list[Job]) -> None:
+        """One frame for every row: the running rows read their last frame at position `t`, the joining ones
+        their whole prompt ending at `t`; then each row's frame is decoded and sampled."""
+        model, t = self.model, self.t
+        states = []
+        if self.rows:
+            K = model.config.num_codebooks
+            tokens = torch.cat([self.last, torch.zeros_like(self.last[:, :1])], dim=-1)[:, None]
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+            mask[..., K] = False
+            positions = torch.full((len(self.rows), 1), t, device=self.device)
+            h = model.backbone(model.embed_frames(tokens, mask), input_pos=positions, mask=self._keys())
+            states.append(h[:, -1])
+        for job in joining:
+            states.append(self._prefill(job, t))
+            self.rows.append(job)
+            self.starts = torch.cat([self.starts, self.starts.new_tensor([t - len(job.prompt[0]) + 1])])
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+        self.counts["steps"] += 1
+        self.counts["steps_batched"] += len(self.rows) > 1
+        frames = decode_frame(model, torch.cat(states), self.rows)
+        self.t += 1
+        keep = []
+        now = time.monotonic()
+        for row, (job, frame) in enumerate(zip(self.rows, frames, strict=True)):
+            if (frame == 0).all():
+                self._finish(job, "eos")
+                continue
+            job.frames += 1
+            job._send(frame.cpu())
+            reason = ("cancelled" if job.cancelled.is_set() else "max_frames" if job.frames >= job.sampling.max_frames
+                      else "time_limit" if now > job.deadline else None)  # fmt: skip
+            if reason:
+                self._finish(job, reason)
+            else:
+                keep.append(row)
+        self._keep(keep, frames)
+
+    def _prefill(self, job: Job, t: int) -> torch.Tensor:
+        """Read `job`'s prompt into a one-row cache at positions ending at `t`, append that row to the batch's
+        caches and return the prompt's last backbone state."""
+        backbone = self.model.backbone
+        tokens, mask = (x.to(self.device)[None] for x in job.prompt)
+        length = tokens.shape[1]
+        batch = [layer.attn.kv_cache for layer in backbone.layers]
+        dtype = self.model.codebook0_head.weight.dtype
+        backbone.setup_caches(1, self.limit, dtype, self.device)
+        positions = torch.arange(t - length + 1, t + 1, device=self.device)[None]
+        keys = (torch.arange(self.limit, device=self.device) > t - length)[None, None, None]
+        h = backbone(self.model.embed_frames(tokens, mask), input_pos=positions, mask=keys)[:, -1]
+        for layer, cache in zip(backbone.layers, batch, strict=True):
+            if cache is not None:  # the batch's rows, then this one
+                new = layer.attn.kv_cache
+                cache.k, cache.v = torch.cat([cache.k, new.k]), torch.cat([cache.v, new.v])
+                layer.attn.kv_cache = cache
+        if batch[0] is None:
+            self.starts = torch.zeros(0, dtype=torch.long, device=self.device)
+        return h
+
+    def _keys(self) -> torch.Tensor:
+        """`[B, 1, 1, limit]`: each row sees its own prompt and frames, not the positions before its prompt."""
+        return (torch.arange(self.limit, device=self.device) >= self.starts[:, None])[:, None, None]
+
+    def _keep(self, keep: list[int], frames: torch.Tensor) -> None:
+        """Drop the rows of ended jobs from the batch and its caches."""
+        if len(keep) == len(self.rows):
+            self.last = frames
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.model.remove_caches()
+            return
+        index = torch.tensor(keep, device=self.device)
+        for layer in self.model.backbone.layers:
+            cache = layer.attn.kv_cache
+            cache.k, cache.v = cache.k[index], cache.v[index]
+        self.last, self.starts = frames[index], self.starts[index]
 
     def _finish(self, job: Job, reason: str, error: Exception | None = None) -> None:
         job.ended = reason
         self.counts[reason] += 1
         job._send(error if error is not None else None)
+
+
+def decode_frame(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+    """`csm_train.generate`'s frame decode with each row sampled by its own job's settings and generator:
+    c0 from `codebook0_head` of the backbone state `h [B, D]`, then codebooks 1..K-1 from the depth decoder
+    (its cache spans one frame), each fed back as its next input. Returns `[B, K]`."""
+    K = model.config.num_codebooks
+    model.decoder.setup_caches(len(h), K, h.dtype, h.device)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return torch.cat([
+            sample_topk(logits[row : row + 1, :MIMI_CODES], job.sampling.temperature, job.sampling.topk, job.generator)
+            for row, job in enumerate(jobs)
+        ])  # fmt: skip
+
+    code = sample(model.codebook0_head(h))
+    codes = [code]
+    x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
+    positions = torch.arange(2, device=h.device).expand(len(h), 2)
+    for i in range(1, K):
+        y = model.decoder(x, input_pos=positions)[:, -1]
+        code = sample(y @ model.audio_head[i - 1])
+        codes.append(code)
+        x = model.projection(model.embed_audio(i, code))[:, None]
+        positions = positions[:, -1:] + 1
+    return torch.stack(codes, dim=-1)

@@ -56,8 +56,8 @@ def server(checkpoint, tmp_path_factory):
     port, voices = free_port(), tmp_path_factory.mktemp("voices")
     command = [
         sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, f"voice_dir={voices}",
-        f"port={port}", f"api_keys=[{KEY}]", f"context_frames={CONTEXT_FRAMES}", "queue_size=1",
-        "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
+        f"port={port}", f"api_keys=[{KEY}]", f"context_frames={CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
+        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
         "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
     ]  # fmt: skip
     log = tmp_path_factory.mktemp("log") / "server.log"
@@ -236,10 +236,10 @@ def auth() -> dict:
     return {"Authorization": f"Bearer {KEY}"}
 
 
-def wait_for(condition, timeout=20.0):
+def wait_for(condition, timeout=20.0, state=lambda: None):
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out: {state()}"
         time.sleep(0.2)
 
 
@@ -252,18 +252,38 @@ def long_stream(server):
 
 
 def test_disconnect_stops_generation_and_full_queue_answers_429(server, client):
-    before = health(server)["engine"]["jobs"].get("cancelled", 0)
-    running_ctx, running = long_stream(server)
-    next(running.iter_bytes())  # audio is flowing
-    queued_ctx, queued = long_stream(server)  # waits behind it: queue_size=1
-    wait_for(lambda: health(server)["engine"]["queued"] == 1)
-    with pytest.raises(openai.RateLimitError, match="already waiting"):
+    engine = lambda: health(server)["engine"]  # noqa: E731
+    before = engine()["jobs"].get("cancelled", 0)
+    streams = []
+    for running, queued in ((1, 0), (2, 0), (2, 1), (2, 2)):  # two share the batch (max_batch=2), two wait
+        streams.append(long_stream(server))
+        assert streams[-1][1].status_code == 200
+        wait_for(lambda r=running, q=queued: (e := engine())["running"] == r and e["queued"] == q, state=engine)
+    audio = streams[0][1].iter_bytes()  # kept: a collected iterator closes its response
+    assert next(audio)  # audio is flowing
+    with pytest.raises(openai.RateLimitError, match="already waiting"):  # queue_size=2
         say(client)
-    running_ctx.__exit__(None, None, None)  # both clients go away
-    queued_ctx.__exit__(None, None, None)
-    wait_for(lambda: health(server)["engine"]["jobs"].get("cancelled", 0) == before + 2)
-    engine = health(server)["engine"]
-    assert engine["running"] == 0 and engine["queued"] == 0
+    for context, _ in streams:  # every client goes away
+        context.__exit__(None, None, None)
+    wait_for(lambda: engine()["jobs"].get("cancelled", 0) == before + 4, state=engine)
+    assert engine()["running"] == 0 and engine()["queued"] == 0
+
+
+def test_concurrent_requests_share_steps_and_keep_their_seeds(server, client):
+    alone = {seed: say(client, "Shall we go?", seed=seed, max_audio_length_ms=800)[0] for seed in (3, 4)}
+    before = health(server)["engine"]["batched_steps"]
+    together = {}
+    threads = [
+        threading.Thread(target=lambda s=seed: together.update({s: say(client, "Shall we go?", seed=s,
+                                                                       max_audio_length_ms=800)[0]}))
+        for seed in (3, 4)
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert health(server)["engine"]["batched_steps"] > before  # they shared frame steps
+    assert together == alone and alone[3] != alone[4]
 
 
 @pytest.mark.parametrize(
@@ -316,6 +336,55 @@ def test_no_keys_no_public_bind(checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CSM_SERVE_API_KEYS"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in done.stderr + done.stdout
+
+
+def test_engine_batched_equals_alone(checkpoint):
+    """In process: jobs with prompts of different lengths, joining at different steps, get exactly the codes
+    `csm_train.generate.generate` makes for each alone with the same seed."""
+    import asyncio
+
+    from csm_train.generate import Sampling, generate, prompt_frames
+    from csm_train.layout import Segment
+    from serve.engine import Engine
+
+    model = CSM.from_pretrained(checkpoint).eval()
+    tokenizer, g = ByteTokenizer(), torch.Generator().manual_seed(0)
+    context = [Segment(1, "Earlier words.", torch.randint(0, 2048, (32, 12), generator=g))]
+    prompts = [prompt_frames(tokenizer, 32, "Hi.", 0, []), prompt_frames(tokenizer, 32, "Hello to you.", 0, context),
+               prompt_frames(tokenizer, 32, "Hey.", 0, [])]  # fmt: skip
+    samplings = [Sampling(max_frames=n, seed=seed) for n, seed in ((8, 1), (6, 2), (4, 1))]
+    expected = []  # each alone, through csm_train.generate
+
+    async def run():
+        expected.extend(generate(model, [p], s).codes[0] for p, s in zip(prompts, samplings, strict=True))
+        engine = Engine(model, queue_size=4, max_batch=4)
+        jobs = [engine.submit(prompts[0], samplings[0], 60)]
+        first = [chunk async for chunk in _take(jobs[0], 3)]
+        # job 1's prompt (50 frames) is longer than job 0's batch has run: it starts the next batch, where job 2
+        # (9 frames) joins it with its prompt at positions 41..49, and leaves first
+        jobs += [engine.submit(p, s, 60) for p, s in zip(prompts[1:], samplings[1:], strict=True)]
+        out = [torch.cat(first + [c async for c in jobs[0].chunks(100)], dim=1)]
+        for job in jobs[1:]:
+            out.append(torch.cat([c async for c in job.chunks(100)], dim=1))
+        engine.close()
+        return out, engine.stats()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs here (torch_threads=1): on a loaded CPU, several times faster
+    try:
+        got, stats = asyncio.run(run())
+    finally:
+        torch.set_num_threads(threads)
+    for codes, want in zip(got, expected, strict=True):
+        assert torch.equal(codes, want)
+    assert stats["batched_steps"] > 0 and stats["peak_batch"] >= 2
+
+
+async def _take(job, n):
+    """The first `n` frames of a job, one chunk each."""
+    for _ in range(n):
+        item = await job.outbox.get()
+        yield item[:, None]
 
 
 WRITER = """
