@@ -11,6 +11,9 @@ headers. `speed` other than 1.0 is refused (CSM has no speed control, and resamp
 `instructions` are accepted and ignored (CSM takes no style prompt: a voice and context turns steer it) and the
 response says so in `x-csm-instructions: ignored`.
 
+`voice` is a built-in voice's name (`GET /v1/audio/voices`), or an uploaded voice's id (`{"id": "voice_…"}` or
+the bare id) or name (the newest upload of that name).
+
 CSM's extras (the `openai` client's `extra_body`): `temperature`, `top_k`, `seed`, `max_audio_length_ms`,
 `speaker` (the speaker id of the answer, and of the voice's turn), `context` (turns `{"text", "audio": base64 of
 any audio file, "speaker"}` spoken before the answer) and `conversation_id` (see `serve.conversations`).

@@ -4,6 +4,7 @@ voice store with its built-in voices, conversation memory, the engine, and the F
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -99,7 +100,14 @@ class Service:
 
 
 def create_app(service: Service, keys: list[str]) -> FastAPI:
-    app = FastAPI(title="csm-train serve", summary="OpenAI-compatible speech for a CSM checkpoint")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn has let the requests in flight finish (SIGTERM, Ctrl-C): the engine's queue is empty by now
+        service.engine.close()
+        service.codec_thread.shutdown()
+
+    app = FastAPI(title="csm-train serve", summary="OpenAI-compatible speech for a CSM checkpoint", lifespan=lifespan)
     app.state.service = service
     install_handlers(app)
     app.include_router(api.router)

@@ -51,9 +51,14 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def voice_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("voices")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, voice_dir, tmp_path_factory):
     """The base URL of a running server; its voice store is built (built-in voices) at its start."""
-    port, voices = free_port(), tmp_path_factory.mktemp("voices")
+    port, voices = free_port(), voice_dir
     command = [
         sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, f"voice_dir={voices}",
         f"port={port}", f"api_keys=[{KEY}]", f"context_frames={CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
@@ -176,13 +181,14 @@ def clip(tmp_path_factory):
     return path
 
 
-def test_uploaded_voice_is_the_prompts_context(server, client, clip):
+def test_uploaded_voice_is_the_prompts_context(server, voice_dir, client, clip):
     transcript = "I made some tea for everyone this morning."
     voice = client.audio.voices.create(
-        audio_sample=("me.wav", clip.read_bytes(), "audio/wav"), consent="cons_test", name="me",
+        audio_sample=("me.wav", clip.read_bytes(), "audio/wav"), consent="cons_test", name="../../me",
         extra_body={"transcript": transcript},
     )  # fmt: skip
-    assert voice.object == "audio.voice" and voice.id.startswith("voice_") and voice.name == "me"
+    assert voice.object == "audio.voice" and voice.id.startswith("voice_") and voice.name == "../../me"
+    assert sorted(p.name for p in voice_dir.iterdir()) == ["alloy", voice.id]  # a name is never a path
     listed = {v["id"]: v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"]}
     assert set(listed) == {"alloy", voice.id} and listed["alloy"]["builtin"]
     frames = listed[voice.id]["frames"]
@@ -193,7 +199,7 @@ def test_uploaded_voice_is_the_prompts_context(server, client, clip):
     answer_positions = len(b"[0]Hello there.") + 2
     assert int(headers["x-csm-voice-frames"]) == frames
     assert int(headers["x-csm-input-tokens"]) == text_positions + frames + 1 + answer_positions
-    _, by_name = say(client, voice="me")
+    _, by_name = say(client, voice="../../me")
     assert by_name["x-csm-input-tokens"] == headers["x-csm-input-tokens"]
 
     deleted = client.audio.voices.delete(voice.id)
@@ -385,6 +391,20 @@ async def _take(job, n):
     for _ in range(n):
         item = await job.outbox.get()
         yield item[:, None]
+
+
+def test_idle_conversations_expire():
+    from csm_train.layout import Segment
+    from serve.conversations import Conversations
+
+    conversations = Conversations(ByteTokenizer(), max_frames=100, ttl_seconds=0.3, max_conversations=2)
+    turn = Segment(0, "Hi.", torch.zeros(32, 4, dtype=torch.long))
+    for name in ("a", "b", "c"):
+        conversations.append(name, turn)
+    assert conversations.history("a") == [] and len(conversations.history("c")) == 1  # the least recent went
+    assert [conversations.append("c", turn) for _ in range(12)][-1] == 7  # 13 positions a turn: 7 fit in 100
+    time.sleep(0.4)
+    assert len(conversations) == 0 and conversations.history("c") == []
 
 
 WRITER = """
