@@ -90,6 +90,8 @@ class Engine:
         self._thread.start()
 
     def submit(self, prompt: tuple[torch.Tensor, torch.Tensor], sampling: Sampling, max_seconds: float) -> Job:
+        if len(prompt[0]) + sampling.max_frames > self.limit:  # it could never join: refuse it, not the queue
+            raise ValueError(f"a prompt of {len(prompt[0])} frames plus {sampling.max_frames} exceeds {self.limit}")
         job = Job(prompt, sampling, max_seconds, asyncio.get_running_loop())
         with self._wake:
             if len(self._waiting) >= self.queue_size:
