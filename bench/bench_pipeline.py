@@ -25,11 +25,12 @@ import soundfile as sf
 import soxr
 
 from data_pipeline.asr import FasterWhisperASR
-from data_pipeline.audio import MODEL_SAMPLE_RATE, SAMPLE_RATE, discover, load_audio, to_model_rate
+from data_pipeline.audio import MODEL_SAMPLE_RATE, discover, load_audio, to_model_rate
 from data_pipeline.codec import RANDOM_INIT, MimiCodec
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.diarize import EmbeddingDiarizer, windows
 from data_pipeline.run import Pipeline, PipelineConfig
+from data_pipeline.shards import MIMI_SAMPLE_RATE
 from data_pipeline.transcribe import Transcriber
 from data_pipeline.vad import SileroVAD, merge_regions
 
@@ -43,8 +44,8 @@ def timed(fn, *args):
 def whole_file_ingest(path: Path) -> np.ndarray:
     """The old ingest: libsndfile decodes the whole file, soxr resamples it at once, pyloudnorm measures it."""
     audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    audio = soxr.resample(audio.mean(axis=1), rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(audio.astype(np.float64))
+    audio = soxr.resample(audio.mean(axis=1), rate, MIMI_SAMPLE_RATE, quality="HQ").astype(np.float32)
+    pyloudnorm.Meter(MIMI_SAMPLE_RATE).integrated_loudness(audio.astype(np.float64))
     return audio
 
 
@@ -60,7 +61,7 @@ def main():
         recordings, t_streamed = timed(lambda: [load_audio(p) for p in paths])
         _, t_whole = timed(lambda: [whole_file_ingest(p) for p in paths])
         audio16 = [to_model_rate(a) for a in recordings]
-        seconds = sum(len(a) for a in recordings) / SAMPLE_RATE
+        seconds = sum(len(a) for a in recordings) / MIMI_SAMPLE_RATE
         vad = SileroVAD()
         regions = [vad(a) for a in audio16]
         print(f"{len(recordings)} conversations, {seconds:.1f} s of audio")

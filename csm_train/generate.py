@@ -14,7 +14,7 @@ masked.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +89,10 @@ def generate_steps(
             f"max_seq_len={limit}. Drop context turns or lower max_frames."
         )
     generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_topk(logits, sampling.temperature, sampling.topk, generator)
+
     tokens = torch.zeros(B, T, K + 1, dtype=torch.long, device=device)
     tokens_mask = torch.zeros(B, T, K + 1, dtype=torch.bool, device=device)
     keys = torch.zeros(B, 1, 1, limit, dtype=torch.bool, device=device)  # which cache positions hold real frames
@@ -108,7 +112,7 @@ def generate_steps(
         for _ in range(max_frames):
             with torch.inference_mode():
                 h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
-                frame, c0_logits, decoder_logits = _decode_frame(model, h, sampling, generator)
+                frame, c0_logits, decoder_logits = decode_frame(model, h, sample)
             yield Step(frame, c0_logits, decoder_logits)
             done |= (frame == 0).all(dim=-1)
             if done.all():
@@ -162,19 +166,23 @@ def stream(
         yield decoder.decode(torch.stack(pending, dim=1).cpu())
 
 
-def _decode_frame(model: CSM, h: torch.Tensor, sampling: Sampling, generator):
+def decode_frame(
+    model: CSM, h: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
-    from the depth decoder, each fed back as its next input."""
+    from the depth decoder, each fed back as its next input. `sample` turns logits over the real codes
+    `[B, MIMI_CODES]` into codes `[B]` (a server samples each row with its own request's settings). Returns the
+    frame `[B, K]` and the c0 and depth-decoder logits."""
     K = model.config.num_codebooks
     c0_logits = model.codebook0_head(h)
-    code = sample_topk(c0_logits[:, :MIMI_CODES], sampling.temperature, sampling.topk, generator)
+    code = sample(c0_logits[:, :MIMI_CODES])
     codes, logits = [code], []
     x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
     positions = torch.arange(2, device=h.device).expand(len(h), 2)
     for i in range(1, K):
         y = model.decoder(x, input_pos=positions)[:, -1]
         logits.append(y @ model.audio_head[i - 1])
-        code = sample_topk(logits[-1][:, :MIMI_CODES], sampling.temperature, sampling.topk, generator)
+        code = sample(logits[-1][:, :MIMI_CODES])
         codes.append(code)
         x = model.projection(model.embed_audio(i, code))[:, None]
         positions = positions[:, -1:] + 1

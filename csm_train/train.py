@@ -3,7 +3,6 @@ directory already holds a checkpoint, and fit."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from csm_train.plan import decoder_frames_run, format_plan, gpu_peak_bf16_flops,
 from csm_train.preemption import Preemption
 from csm_train.run_dir import check_run_dir, claim_run_dir, run_identity
 from csm_train.step_checkpoints import StepCheckpoints
-from data_pipeline.shards import MIMI_FRAME_RATE, check_codec
+from data_pipeline.shards import MIMI_FRAME_RATE, check_codec, read_card
 
 
 def device_peak_flops(configured: float | None) -> float | None:
@@ -131,10 +130,7 @@ def check_dataset(cfg: DictConfig) -> None:
     (its codebook count, frame rate, sample rate, codec). A dataset without a card is checked sample by sample as
     it streams (csm_train/data.py); the synthetic corpus, written on first use, is made for the model."""
     num_codebooks = CSMConfig.preset(cfg.model.preset).num_codebooks
-    card = Path(cfg.data.path) / "dataset.json"
-    if not card.exists():
-        return
-    problems = check_codec(json.loads(card.read_text()).get("codec") or {}, num_codebooks)
+    problems = check_codec(read_card(cfg.data.path).get("codec") or {}, num_codebooks)
     if problems:
         raise ValueError(
             f"data.path={cfg.data.path} cannot train model.preset={cfg.model.preset} (from its dataset.json):\n"

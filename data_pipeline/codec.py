@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.device import resolve_device
 from data_pipeline.shards import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE
 
 SAMPLES_PER_FRAME = int(MIMI_SAMPLE_RATE / MIMI_FRAME_RATE)  # 1920
@@ -66,9 +67,7 @@ class MimiCodec:
     ):
         from transformers import MimiModel
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device, self.num_codebooks = torch.device(device), num_codebooks
+        self.device, self.num_codebooks = torch.device(resolve_device(device)), num_codebooks
         # Batching pays on a GPU; on a CPU the padding costs more than it saves (bench/bench_codec.py).
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         if name_or_path == RANDOM_INIT:

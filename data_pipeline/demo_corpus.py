@@ -59,7 +59,6 @@ from tqdm import tqdm
 from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "pipeline")
-SAMPLE_RATE = MIMI_SAMPLE_RATE  # conversations are assembled at 24 kHz; truth times are in seconds
 VOICES = ("en+edward", "en-us+m3", "en-us+f3", "en+Hugo", "en+steph", "en+quincy")
 SPEAKERS = "ABCD"
 # Plain everyday sentences, 6–12 common words, no numbers or abbreviations: what tiny.en transcribes well.
@@ -169,7 +168,7 @@ class Format:
     channels: int
 
 
-DEFAULT_FORMAT = Format(".wav", "WAV", "PCM_16", SAMPLE_RATE, 1)
+DEFAULT_FORMAT = Format(".wav", "WAV", "PCM_16", MIMI_SAMPLE_RATE, 1)
 # Conversation i (mod 8) is written in another format, so the pipeline's ingest meets several. Opus is 48 kHz only.
 OTHER_FORMATS = {
     1: Format(".flac", "FLAC", "PCM_16", 16_000, 1),
@@ -199,7 +198,7 @@ def speak(text: str, voice: str, speed: int) -> np.ndarray:
         ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True, check=True
     ).stdout
     audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    audio = soxr.resample(audio, rate, MIMI_SAMPLE_RATE, quality="HQ")
     voiced = np.flatnonzero(np.abs(audio) > np.abs(audio).max() * 10 ** (TRIM_DB / 20))
     audio = audio[voiced[0] : voiced[-1] + 1]
     return (audio * (TURN_PEAK / np.abs(audio).max())).astype(np.float32)
@@ -265,14 +264,14 @@ def assemble(plan: dict, clips: list[np.ndarray]) -> tuple[np.ndarray, list[dict
         if "within" in turn:
             start = previous[0] + round(turn["within"] * (previous[1] - previous[0]))
         else:
-            start = previous[1] + max(round(turn["gap"] * SAMPLE_RATE), -((previous[1] - previous[0]) // 2))
+            start = previous[1] + max(round(turn["gap"] * MIMI_SAMPLE_RATE), -((previous[1] - previous[0]) // 2))
         if turn["speaker"] in last_end:
-            start = max(start, last_end[turn["speaker"]] + round(MIN_SELF_GAP * SAMPLE_RATE))
+            start = max(start, last_end[turn["speaker"]] + round(MIN_SELF_GAP * MIMI_SAMPLE_RATE))
         end = last_end[turn["speaker"]] = start + len(clip)
         if "gap" in turn:
             previous = (start, end)
         placed.append((start, end, turn, clip))
-    audio = np.zeros(max(end for _, end, _, _ in placed) + round(plan["trail"] * SAMPLE_RATE), np.float32)
+    audio = np.zeros(max(end for _, end, _, _ in placed) + round(plan["trail"] * MIMI_SAMPLE_RATE), np.float32)
     turns = []
     for start, end, turn, clip in sorted(placed, key=lambda p: p[0]):
         audio[start:end] += clip * np.float32(10 ** (plan["channel"]["gain_db"][turn["speaker"]] / 20))
@@ -281,8 +280,8 @@ def assemble(plan: dict, clips: list[np.ndarray]) -> tuple[np.ndarray, list[dict
                 "speaker": turn["speaker"],
                 "voice": turn["voice"],
                 "text": turn["text"],
-                "start": start / SAMPLE_RATE,
-                "end": end / SAMPLE_RATE,
+                "start": start / MIMI_SAMPLE_RATE,
+                "end": end / MIMI_SAMPLE_RATE,
             }
         )
     return audio, turns
@@ -300,8 +299,8 @@ def pink_noise(length: int, rng: np.random.Generator) -> np.ndarray:
 def telephone(audio: np.ndarray) -> np.ndarray:
     """A telephone channel: down to 8 kHz, the 300–3400 Hz voice band (zero-phase, so turn edges stay put),
     and back up to 24 kHz."""
-    narrow = signal.sosfiltfilt(TELEPHONE_BAND, soxr.resample(audio, SAMPLE_RATE, TELEPHONE_RATE, quality="HQ"))
-    wide = soxr.resample(narrow.astype(np.float32), TELEPHONE_RATE, SAMPLE_RATE, quality="HQ")
+    narrow = signal.sosfiltfilt(TELEPHONE_BAND, soxr.resample(audio, MIMI_SAMPLE_RATE, TELEPHONE_RATE, quality="HQ"))
+    wide = soxr.resample(narrow.astype(np.float32), TELEPHONE_RATE, MIMI_SAMPLE_RATE, quality="HQ")
     return np.pad(wide, (0, max(0, len(audio) - len(wide))))[: len(audio)]
 
 
@@ -312,7 +311,7 @@ def degrade(audio: np.ndarray, turns: list[dict], channel: dict, rng: np.random.
     if channel["snr_db"] is not None:
         speech = np.zeros(len(audio), bool)
         for t in turns:
-            speech[round(t["start"] * SAMPLE_RATE) : round(t["end"] * SAMPLE_RATE)] = True
+            speech[round(t["start"] * MIMI_SAMPLE_RATE) : round(t["end"] * MIMI_SAMPLE_RATE)] = True
         level = np.sqrt(np.mean(audio[speech].astype(np.float64) ** 2)) * 10 ** (-channel["snr_db"] / 20)
         audio = (audio + level * pink_noise(len(audio), rng)).astype(np.float32)
     if channel["telephone"]:
@@ -323,8 +322,8 @@ def degrade(audio: np.ndarray, turns: list[dict], channel: dict, rng: np.random.
 
 def encode(audio: np.ndarray, fmt: Format) -> bytes:
     """24 kHz mono `audio` as a file in `fmt`: resampled, and for stereo the right channel 4 dB quieter."""
-    if fmt.sample_rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, SAMPLE_RATE, fmt.sample_rate, quality="HQ")
+    if fmt.sample_rate != MIMI_SAMPLE_RATE:
+        audio = soxr.resample(audio, MIMI_SAMPLE_RATE, fmt.sample_rate, quality="HQ")
     if fmt.channels == 2:
         audio = np.stack([audio, audio * 0.63], axis=1)
     buffer = io.BytesIO()
@@ -375,11 +374,11 @@ def write_broken(audio_dir: Path, seed: int) -> dict[str, str]:
     """The planted broken files (BROKEN) and their expected failure reasons."""
     rng = np.random.default_rng([seed, 1])  # conversations draw from [seed, 0, index]
     speech = speak(SENTENCES[0], VOICES[0], 155)
-    noise = rng.standard_normal(8 * SAMPLE_RATE) * 10 ** (-60 / 20)  # -60 dBFS: above the loudness gate
+    noise = rng.standard_normal(8 * MIMI_SAMPLE_RATE) * 10 ** (-60 / 20)  # -60 dBFS: above the loudness gate
     contents = {
         "broken_empty.wav": b"",
         "broken_corrupt.flac": rng.bytes(16_384),
-        "broken_short.wav": encode(speech[: SAMPLE_RATE // 5], DEFAULT_FORMAT),
+        "broken_short.wav": encode(speech[: MIMI_SAMPLE_RATE // 5], DEFAULT_FORMAT),
         "broken_silence.wav": encode(noise.astype(np.float32), DEFAULT_FORMAT),
     }
     for name, data in contents.items():
@@ -414,7 +413,7 @@ def write_demo_corpus(
         (audio_dir / f"{name}{fmt.suffix}").write_bytes(encode(audio, fmt))
         truth = {
             "audio": f"{name}{fmt.suffix}",
-            "duration": len(audio) / SAMPLE_RATE,
+            "duration": len(audio) / MIMI_SAMPLE_RATE,
             "voices": plan["voices"],
             "turns": turns,
         }

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.audio import MODEL_SAMPLE_RATE
+from data_pipeline.device import resolve_device
 from data_pipeline.turns import SpeakerSpan
 
 
@@ -449,9 +450,7 @@ class PyannoteDiarizer:
         self.pipeline = Pipeline.from_pretrained(pipeline, token=token)
         if self.pipeline is None:
             raise ValueError(f"pyannote could not load {pipeline!r}: accept its conditions on the Hub and pass a token")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline.to(torch.device(device))
+        self.pipeline.to(torch.device(resolve_device(device)))
         self.speakers = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers}
         self.exclusive = exclusive
 

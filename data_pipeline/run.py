@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Inputs, discover, load_audio, source_id
+from data_pipeline.audio import AUDIO_EXTENSIONS, AudioError, Inputs, discover, load_audio, source_id
 from data_pipeline.codec import SAMPLES_PER_FRAME
 from data_pipeline.files import ExclusiveLock, LockedError, atomic_write, write_if_changed
 from data_pipeline.quality import QualityFilter
-from data_pipeline.shards import ShardWriter, Window, sample_key
-from data_pipeline.turns import FRAME_RATE, Turn, merge_turns, split_windows
+from data_pipeline.shards import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, ShardWriter, Window, sample_key
+from data_pipeline.turns import Turn, merge_turns, split_windows
 
 # Settings that do not change the output (of recordings that can be processed at all).
 RUN_ONLY = ("input_dir", "output_dir", "num_parts", "max_errors", "max_attempts")
@@ -92,8 +92,8 @@ class UnexpectedError(RuntimeError):
 
 def turn_audio(audio: np.ndarray, turn: Turn) -> np.ndarray:
     """The turn's samples, cut on Mimi frame boundaries (so its codes are Mimi's own, see codec.py)."""
-    start = math.floor(turn.start * FRAME_RATE) * SAMPLES_PER_FRAME
-    end = min(len(audio), math.ceil(turn.end * FRAME_RATE) * SAMPLES_PER_FRAME)
+    start = math.floor(turn.start * MIMI_FRAME_RATE) * SAMPLES_PER_FRAME
+    end = min(len(audio), math.ceil(turn.end * MIMI_FRAME_RATE) * SAMPLES_PER_FRAME)
     return audio[start:end]
 
 
@@ -207,7 +207,7 @@ class Pipeline:
             results.append({"key": sample_key(sid, w), "segments": segments})
             turn_index += len(window)
         meta = {"source": path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path),
-                "duration": len(audio) / SAMPLE_RATE}  # fmt: skip
+                "duration": len(audio) / MIMI_SAMPLE_RATE}  # fmt: skip
         timings = dict(seconds + self.transcriber.seconds)  # wall clock: kept out of the shards and the card
         npz = io.BytesIO()
         np.savez(npz, **arrays)

@@ -22,8 +22,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from data_pipeline.asr import normalize_text
 from data_pipeline.shards import read_samples
-from eval.metrics import normalize_text
 
 
 def dataset_turns(dataset_dir: str | Path) -> dict[str, list[dict]]:

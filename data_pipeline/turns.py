@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 from data_pipeline.shards import MIMI_FRAME_RATE
 
-FRAME_RATE = MIMI_FRAME_RATE
-
 
 @dataclass
 class Word:
@@ -74,7 +72,7 @@ def estimate_text_frames(turn: Turn) -> int:
 
 
 def audio_frames(turn: Turn) -> int:
-    return math.ceil((turn.end - turn.start) * FRAME_RATE)
+    return math.ceil((turn.end - turn.start) * MIMI_FRAME_RATE)
 
 
 def turn_positions(turn: Turn, text_frames: Callable[[Turn], int] = estimate_text_frames) -> int:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-from eval.run import device_name, load_suites, run_suites
-from eval.speaker import Speaker, codec_from_weights_id
+from data_pipeline.device import resolve_device
+from eval.run import load_suites, run_suites
+from eval.speaker import Speaker, codec_from_weights_id, dataset_codec
 from eval.suites import Session
 
 
@@ -48,7 +48,7 @@ class EvaluateEvery(Callback):
         if step == 0 or step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
             return
         self._last_step = step
-        device = device_name(str(module.device.type))
+        device = resolve_device(str(module.device.type))
         if self._codec is None:
             self._codec = codec_from_weights_id(self.codec_id or self._dataset_codec(trainer), device)
         model = module.model
@@ -65,11 +65,11 @@ class EvaluateEvery(Callback):
 
     @staticmethod
     def _dataset_codec(trainer) -> str:
-        card = Path(trainer.datamodule.path) / "dataset.json"
-        codec = json.loads(card.read_text()).get("codec", {}).get("weights_id") if card.exists() else None
+        codec = dataset_codec(trainer.datamodule.path)
         if not codec:
             raise ValueError(
-                f"evaluate: {card} does not say which codec encoded the training data (the synthetic corpus "
-                f"has none); set evaluate.codec (e.g. kyutai/mimi) or train on a data_pipeline dataset"
+                f"evaluate: {trainer.datamodule.path}/dataset.json does not say which codec encoded the training "
+                f"data (the synthetic corpus has none); set evaluate.codec (e.g. kyutai/mimi) or train on a "
+                f"data_pipeline dataset"
             )
         return codec

@@ -9,21 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipeline.asr import normalize_text
 from data_pipeline.audio import to_model_rate
-
-_normalizer = None
-
-
-def normalize_text(text: str) -> str:
-    """Whisper's English text normaliser, the one Seed-TTS-eval and most TTS papers score with: lower case,
-    no punctuation, contractions and numbers spelled one way. Without its British→American spelling table,
-    which ships only with Whisper's tokenizer files (not offline)."""
-    global _normalizer
-    if _normalizer is None:
-        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-        _normalizer = EnglishTextNormalizer({})
-    return _normalizer(text)
 
 
 @dataclass
@@ -64,10 +51,11 @@ class WhisperJudge:
     def __init__(self, model: str = "shipped:tiny.en", language: str = "en", device: str = "auto", beam_size: int = 5):
         from faster_whisper import WhisperModel
 
-        from data_pipeline.asr import device_name, resolve_whisper_model
+        from data_pipeline.asr import resolve_whisper_model
+        from data_pipeline.device import resolve_device
 
         self.model_id, self.language, self.beam_size = model, language, beam_size
-        self.model = WhisperModel(resolve_whisper_model(model), device=device_name(device), compute_type="auto")
+        self.model = WhisperModel(resolve_whisper_model(model), device=resolve_device(device), compute_type="auto")
 
     def transcribe(self, audio: np.ndarray) -> str:
         segments, _ = self.model.transcribe(to_model_rate(audio), language=self.language, beam_size=self.beam_size)

@@ -86,7 +86,7 @@ class PhonemeRecognizer:
     def __init__(self, model: str = PHONEME_JUDGE, device: str = "auto", batch_size: int = 8):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2PhonemeCTCTokenizer
 
-        from data_pipeline.asr import device_name
+        from data_pipeline.device import resolve_device
 
         self.model_id, self.batch_size = str(model), batch_size
         source = Path(self.model_id).expanduser()
@@ -100,7 +100,7 @@ class PhonemeRecognizer:
             self.tokenizer = Wav2Vec2PhonemeCTCTokenizer.from_pretrained(source, do_phonemize=False)
         except (OSError, ValueError, TypeError) as error:  # TypeError: the tokenizer's, when vocab.json is missing
             raise _load_error(self.model_id, error) from error
-        self.device = torch.device(device_name(device))
+        self.device = torch.device(resolve_device(device))
         self.model.to(self.device).eval()
         self.is_random = bool(getattr(self.model.config, RANDOM_MARKER, False))
         # Fewer samples than one output frame's receptive field (400 at 16 kHz) give the model nothing to read.

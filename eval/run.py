@@ -7,18 +7,14 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.device import resolve_device
 from eval.report import numbers, write_report
 from eval.speaker import Speaker, resolve_checkpoint
 from eval.suites import JudgeUnavailable, Session, Suite, SuiteResult
 
 log = logging.getLogger(__name__)
-
-
-def device_name(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def run_suites(session: Session, suites: dict[str, Suite]) -> list[SuiteResult]:
@@ -54,7 +50,7 @@ def evaluate(cfg: DictConfig) -> Path:
     """Runs the configured suites on `cfg.checkpoint`; returns the path of report.md."""
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True) if cfg.tokenizer else None
     checkpoint = resolve_checkpoint(cfg.checkpoint, tokenizer_cfg, cfg.codec)
-    device = device_name(cfg.device)
+    device = resolve_device(cfg.device)
     speaker = Speaker.from_checkpoint(checkpoint, device, **OmegaConf.to_container(cfg.speaker, resolve=True))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(checkpoint)
     suites = {name: hydra.utils.instantiate(suite) for name, suite in cfg.suite.items()}

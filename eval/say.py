@@ -14,8 +14,9 @@ import soundfile as sf
 
 from csm_train.generate import Sampling
 from csm_train.layout import Segment
-from data_pipeline.audio import SAMPLE_RATE, load_audio
-from eval.run import device_name
+from data_pipeline.audio import load_audio
+from data_pipeline.device import resolve_device
+from data_pipeline.shards import MIMI_SAMPLE_RATE
 from eval.speaker import Speaker, resolve_checkpoint
 
 
@@ -41,7 +42,7 @@ def main() -> None:
 
     tokenizer = args.tokenizer and {"_target_": "csm_train.tokenizer.load_tokenizer", "name_or_path": args.tokenizer}
     checkpoint = resolve_checkpoint(args.checkpoint, tokenizer, args.codec)
-    device = device_name(args.device)
+    device = resolve_device(args.device)
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
     speaker = Speaker.from_checkpoint(checkpoint, device, max_seconds=args.max_seconds, sampling=sampling)
     turns = []
@@ -49,8 +50,8 @@ def main() -> None:
         (codes,) = speaker.encode([load_audio(args.context, target_lufs=None)])
         turns.append(Segment(args.speaker, args.context_text, codes))
     (audio,) = speaker.say([[*turns, Segment(args.speaker, args.text)]])
-    sf.write(args.out, audio, SAMPLE_RATE)
-    print(f"{args.out}: {len(audio) / SAMPLE_RATE:.1f} s from {checkpoint.path}")
+    sf.write(args.out, audio, MIMI_SAMPLE_RATE)
+    print(f"{args.out}: {len(audio) / MIMI_SAMPLE_RATE:.1f} s from {checkpoint.path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ checkpoints (ours, Sesame's, transformers') need `tokenizer` and `codec` given.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from csm_train.generate import Sampling, generate, prompt_frames
 from csm_train.layout import Segment
 from csm_train.model import CSM
 from data_pipeline.codec import RANDOM_INIT, MimiCodec
-from data_pipeline.shards import MIMI_FRAME_RATE
+from data_pipeline.shards import MIMI_FRAME_RATE, read_card
 
 
 @dataclass
@@ -44,6 +43,12 @@ class Checkpoint:
             "tokenizer": self.tokenizer,
             "codec": self.codec,
         }
+
+
+def dataset_codec(dataset_dir: str | Path) -> str | None:
+    """The codec a dataset's audio was encoded with (`dataset.json` → `codec.weights_id`), None if it does not say
+    (the synthetic corpus)."""
+    return read_card(dataset_dir).get("codec", {}).get("weights_id")
 
 
 def codec_from_weights_id(weights_id: str, device: str = "auto") -> MimiCodec:
@@ -71,9 +76,7 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
     if run_dir is not None and (run_dir / "config.yaml").exists():
         run_cfg = OmegaConf.load(run_dir / "config.yaml")
         tokenizer = tokenizer or OmegaConf.to_container(run_cfg.data.tokenizer)
-        card = Path(run_cfg.data.path) / "dataset.json"
-        if codec is None and card.exists():
-            codec = json.loads(card.read_text())["codec"].get("weights_id")
+        codec = codec or dataset_codec(run_cfg.data.path)
     if is_training_checkpoint(path):  # a Lightning .ckpt, or a ZeRO directory (DeepSpeed's last.ckpt/)
         saved_step = training_state(path).get("global_step")  # read safely: csm_train.checkpoint
         step = None if saved_step is None else int(saved_step)

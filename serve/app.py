@@ -15,8 +15,8 @@ import torch
 from fastapi import FastAPI
 
 from csm_train.generate import Sampling
+from data_pipeline.device import resolve_device
 from data_pipeline.shards import MIMI_FRAME_RATE
-from eval.run import device_name
 from eval.speaker import Speaker, resolve_checkpoint
 from serve import api
 from serve.conversations import Conversations
@@ -50,7 +50,7 @@ class Service:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.tokenizer, cfg.codec)
-        speaker = Speaker.from_checkpoint(checkpoint, device_name(cfg.device))
+        speaker = Speaker.from_checkpoint(checkpoint, resolve_device(cfg.device))
         self.model, self.tokenizer, self.codec = speaker.model, speaker.tokenizer, speaker.codec
         self.checkpoint, self.created = checkpoint, int(time.time())
         self.model_name, self.model_aliases = cfg.model_name, list(cfg.model_aliases)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from data_pipeline.audio import SAMPLE_RATE
+from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
@@ -53,7 +53,7 @@ class Encoder:
         muxer, codec, options = CONTAINERS[response_format]
         self._sink = _Sink()
         self._container = av.open(self._sink, "w", format=muxer, options=options)
-        self._stream = self._container.add_stream(codec, rate=SAMPLE_RATE, layout="mono")
+        self._stream = self._container.add_stream(codec, rate=MIMI_SAMPLE_RATE, layout="mono")
 
     def feed(self, audio: np.ndarray) -> bytes:
         if self.format == "pcm":
@@ -61,7 +61,7 @@ class Encoder:
         if len(audio):
             samples = np.ascontiguousarray(audio, np.float32)[None]
             frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-            frame.sample_rate = SAMPLE_RATE
+            frame.sample_rate = MIMI_SAMPLE_RATE
             self._mux(frame)
         return self._sink.take()
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csm_train.generate import MIMI_CODES, Sampling, sample_topk
+from csm_train.generate import Sampling, decode_frame, sample_topk
 from csm_train.model import CSM
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(self.rows))
         self.counts["steps"] += 1
         self.counts["steps_batched"] += len(self.rows) > 1
-        frames = decode_frame(model, torch.cat(states), self.rows)
+        frames = decode_frame_per_job(model, torch.cat(states), self.rows)
         self.t += 1
         keep = []
         now = time.monotonic()
@@ -238,27 +238,15 @@ class Engine:
         job._send(error if error is not None else None)
 
 
-def decode_frame(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-    """`csm_train.generate`'s frame decode with each row sampled by its own job's settings and generator:
-    c0 from `codebook0_head` of the backbone state `h [B, D]`, then codebooks 1..K-1 from the depth decoder
-    (its cache spans one frame), each fed back as its next input. Returns `[B, K]`."""
-    K = model.config.num_codebooks
-    model.decoder.setup_caches(len(h), K, h.dtype, h.device)
+def decode_frame_per_job(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+    """`csm_train.generate.decode_frame` with each row sampled by its own job's settings and generator: the
+    frame `[B, K]`. The depth decoder's cache is set up for this step's batch, which changes as jobs come and go."""
+    model.decoder.setup_caches(len(h), model.config.num_codebooks, h.dtype, h.device)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([
-            sample_topk(logits[row : row + 1, :MIMI_CODES], job.sampling.temperature, job.sampling.topk, job.generator)
+            sample_topk(logits[row : row + 1], job.sampling.temperature, job.sampling.topk, job.generator)
             for row, job in enumerate(jobs)
         ])  # fmt: skip
 
-    code = sample(model.codebook0_head(h))
-    codes = [code]
-    x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
-    positions = torch.arange(2, device=h.device).expand(len(h), 2)
-    for i in range(1, K):
-        y = model.decoder(x, input_pos=positions)[:, -1]
-        code = sample(y @ model.audio_head[i - 1])
-        codes.append(code)
-        x = model.projection(model.embed_audio(i, code))[:, None]
-        positions = positions[:, -1:] + 1
-    return torch.stack(codes, dim=-1)
+    return decode_frame(model, h, sample)[0]

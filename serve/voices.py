@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.audio import SAMPLE_RATE, load_audio, to_model_rate
+from data_pipeline.audio import load_audio, to_model_rate
+from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Transcriber:
         with self._lock:
             if self._asr is None:
                 self._asr = FasterWhisperASR(self.model, device="cpu", compute_type="int8")
-            found = self._asr.transcribe(to_model_rate(audio), [(0.0, len(audio) / SAMPLE_RATE)])
+            found = self._asr.transcribe(to_model_rate(audio), [(0.0, len(audio) / MIMI_SAMPLE_RATE)])
         return [(w.text, w.start, w.end) for w in found]
 
 
@@ -176,4 +177,4 @@ def make_builtin_voices(store: VoiceStore, voices: dict[str, dict], encode) -> N
         audio = speak(spec["text"], spec["espeak"], int(spec.get("speed", 160)))
         (codes,) = encode([audio])
         store.add(name, spec["text"], codes, builtin_id=name)
-        log.info("built-in voice %s: espeak-ng %s, %.1f s", name, spec["espeak"], len(audio) / SAMPLE_RATE)
+        log.info("built-in voice %s: espeak-ng %s, %.1f s", name, spec["espeak"], len(audio) / MIMI_SAMPLE_RATE)

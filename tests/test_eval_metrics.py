@@ -4,8 +4,9 @@ espeak-ng speech, resemblyzer on same- and different-voice pairs, bootstrap inte
 import numpy as np
 import pytest
 
+from data_pipeline.asr import normalize_text
 from data_pipeline.demo_corpus import speak
-from eval.metrics import SpeakerSimilarity, WhisperJudge, bootstrap, normalize_text, word_error_rates
+from eval.metrics import SpeakerSimilarity, WhisperJudge, bootstrap, word_error_rates
 
 SENTENCES = [
     "We can take the train instead of driving.",

@@ -7,13 +7,12 @@ import json
 import jiwer
 import pytest
 
-from data_pipeline.asr import FasterWhisperASR, uncovered
+from data_pipeline.asr import FasterWhisperASR, normalize_text, uncovered
 from data_pipeline.audio import discover, load_audio, to_model_rate
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.score import transcript
 from data_pipeline.turns import Word
 from data_pipeline.vad import SileroVAD
-from eval.metrics import normalize_text
 
 
 def test_uncovered_finds_speech_no_word_covers_and_caps_stretched_words():

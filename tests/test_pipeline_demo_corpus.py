@@ -17,13 +17,13 @@ from data_pipeline.demo_corpus import (
     BROKEN,
     HARD,
     MIN_SELF_GAP,
-    SAMPLE_RATE,
     SENTENCES,
     plan_conversation,
     speak,
     write_demo_corpus,
 )
 from data_pipeline.score import score_recording, transcript
+from data_pipeline.shards import MIMI_SAMPLE_RATE
 
 # conv_0000 … conv_0003 cover every format the corpus writes: name → (rate, channels, container)
 FORMATS = {
@@ -145,7 +145,7 @@ def hard(tmp_path_factory):
 
 
 def at_24k(audio: np.ndarray, rate: int) -> np.ndarray:
-    return soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ") if rate != SAMPLE_RATE else audio
+    return soxr.resample(audio, rate, MIMI_SAMPLE_RATE, quality="HQ") if rate != MIMI_SAMPLE_RATE else audio
 
 
 def test_hard_conversations_have_what_real_ones_have(hard):
@@ -189,12 +189,12 @@ def test_hard_truth_is_exact(hard):
                 t
                 for t in truth["turns"]
                 if (t["speaker"], t["text"]) == (turn["speaker"], turn["text"])
-                and round((t["end"] - t["start"]) * SAMPLE_RATE) == len(clip)
+                and round((t["end"] - t["start"]) * MIMI_SAMPLE_RATE) == len(clip)
             ]
-            start, reach = round(t["start"] * SAMPLE_RATE), SAMPLE_RATE // 20  # search ±50 ms
+            start, reach = round(t["start"] * MIMI_SAMPLE_RATE), MIMI_SAMPLE_RATE // 20  # search ±50 ms
             window = audio[start - reach : start + len(clip) + reach]
             correlation = signal.correlate(window, clip, mode="valid", method="fft")
-            assert abs(int(np.argmax(correlation)) - reach) <= SAMPLE_RATE // 1000, (name, t)
+            assert abs(int(np.argmax(correlation)) - reach) <= MIMI_SAMPLE_RATE // 1000, (name, t)
             levels.setdefault(turn["speaker"], []).append(correlation[reach] / np.dot(clip, clip))
         if not truth["channel"]["telephone"]:  # the band-pass takes a share of each voice's energy
             gains = {s: 20 * np.log10(np.median(v)) for s, v in levels.items()}
@@ -207,13 +207,13 @@ def test_hard_noise_and_telephone_band(hard):
     the 8 kHz rate's 4 kHz, studio ones do."""
     out, _ = hard
     for name, truth, audio, rate in conversations(out):
-        audio, margin = at_24k(audio, rate), SAMPLE_RATE // 50
+        audio, margin = at_24k(audio, rate), MIMI_SAMPLE_RATE // 50
         speech = np.zeros(len(audio), bool)
         for t in truth["turns"]:
-            speech[round(t["start"] * SAMPLE_RATE) - margin : round(t["end"] * SAMPLE_RATE) + margin] = True
+            speech[round(t["start"] * MIMI_SAMPLE_RATE) - margin : round(t["end"] * MIMI_SAMPLE_RATE) + margin] = True
         snr = 10 * np.log10(np.mean(audio[speech] ** 2) / np.mean(audio[~speech] ** 2))
         power = np.abs(np.fft.rfft(audio)) ** 2
-        above_4k = power[np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE) > 4000].sum() / power.sum()
+        above_4k = power[np.fft.rfftfreq(len(audio), 1 / MIMI_SAMPLE_RATE) > 4000].sum() / power.sum()
         if truth["channel"]["telephone"]:
             assert snr > truth["channel"]["snr_db"] and above_4k < 1e-4, (name, snr, above_4k)
         else:

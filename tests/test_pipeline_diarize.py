@@ -68,10 +68,11 @@ def conversation():
     16 kHz audio and the truth turns."""
     import soxr
 
-    from data_pipeline.demo_corpus import SAMPLE_RATE, speak
+    from data_pipeline.demo_corpus import speak
+    from data_pipeline.shards import MIMI_SAMPLE_RATE
 
     def clip(text, voice):
-        return soxr.resample(speak(text, voice, 155), SAMPLE_RATE, RATE).astype(np.float32)
+        return soxr.resample(speak(text, voice, 155), MIMI_SAMPLE_RATE, RATE).astype(np.float32)
 
     a1 = clip("I was thinking about making pasta for dinner tonight with the kids.", "en+edward")
     b = clip("That sounds like a really good idea, I can pick up the kids from school.", "en-us+f3")
