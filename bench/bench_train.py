@@ -63,11 +63,11 @@ def sync(device: torch.device) -> None:
 def batch_mask(batch: dict, kind: str):
     """`none`: each row one causal sequence (SDPA's flash kernel); `dense`: the trainer's block-causal bool mask
     for packed rows; `flex`: a FlexAttention block mask, where csm_train.data offers one."""
-    if kind == "none" or not bool((batch["doc_ids"] > 0).any()):
+    if kind == "none" or not bool((batch.doc_ids > 0).any()):
         return None
     if kind == "flex":
-        return attention_mask(batch["doc_ids"], flex=True)
-    return attention_mask(batch["doc_ids"])
+        return attention_mask(batch.doc_ids, flex=True)
+    return attention_mask(batch.doc_ids)
 
 
 def training_step_seconds(config, batch, device, dtype, steps: int, mask, decoder_fraction: float) -> float:
@@ -81,12 +81,12 @@ def training_step_seconds(config, batch, device, dtype, steps: int, mask, decode
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = csm_loss(
                 model,
-                batch["tokens"],
-                batch["tokens_mask"],
-                batch["labels"],
+                batch.tokens,
+                batch.tokens_mask,
+                batch.labels,
                 decoder_fraction=decoder_fraction,
                 generator=decoder_frame_generator(0, step),
-                input_pos=batch["input_pos"],
+                input_pos=batch.input_pos,
                 mask=mask,
             )
         out.loss.backward()
@@ -168,9 +168,9 @@ def main():
     step_s = training_step_seconds(config, batch, device, dtype, args.steps, mask, args.decoder_fraction)
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     matmul = matmul_peak(device, dtype)
-    frames = int(batch["tokens_mask"].any(-1).sum())  # non-padding frames
+    frames = int(batch.tokens_mask.any(-1).sum())  # non-padding frames
     # Backbone FLOPs on every frame, depth-decoder FLOPs on the ⌈fraction × audio targets⌉ frames it runs.
-    flops = train_step_flops(config, frames, decoder_frames_run(batch["labels"], args.decoder_fraction), args.seq)
+    flops = train_step_flops(config, frames, decoder_frames_run(batch.labels, args.decoder_fraction), args.seq)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_flops or (gpu_peak_bf16_flops(device_name) if dtype == torch.bfloat16 else None)
     mfu = flops / step_s / peak if peak else None

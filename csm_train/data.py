@@ -81,6 +81,37 @@ class SlotPosition:
 
 
 @dataclass
+class StreamReport:
+    """Where a slot's stream stands after a batch, and what went into it: the trainer keeps `position` and
+    `consumed_after` (`StreamState`) so that a resumed stream starts exactly there."""
+
+    slot: int
+    num_slots: int
+    worker: int  # the dataloader worker that produced the batch
+    position: Position  # the oldest sample of the slot not yet trained on
+    consumed_after: tuple[Position, ...]  # samples beyond it already packed into batches
+    keys: list[str]  # the samples packed into this batch, row by row
+    sample_positions: list[Position]  # their positions in the slot's stream
+    skipped: int  # samples read and dropped since the last batch (cannot fit the model)
+    truncated: int  # samples cut at a turn boundary to fit a row
+
+
+@dataclass
+class Batch:
+    """Packed rows as the model takes them: `tokens`/`tokens_mask` `[B, T, K+1]`, `labels` `[B, T, K]` (-100: not a
+    target), `input_pos` `[B, T]` (each frame's RoPE position within its own conversation), `doc_ids` `[B, T]`
+    (which conversation of the row a frame belongs to, -1 padding: the block-causal mask). `stream` is the
+    training stream's bookkeeping (None for validation batches)."""
+
+    tokens: torch.Tensor
+    tokens_mask: torch.Tensor
+    labels: torch.Tensor
+    input_pos: torch.Tensor
+    doc_ids: torch.Tensor
+    stream: StreamReport | None = None
+
+
+@dataclass
 class StreamState:
     """Where the stream stands, as of the last batch trained on: each slot's position, the slot count it
     was made with, and the dataloader worker that produced the last batch (the DataLoader takes workers in
@@ -91,11 +122,10 @@ class StreamState:
     last_worker: int | None = None
     advanced: set[int] = field(default_factory=set)  # slots this process trained on since its start or load
 
-    def update(self, batch: dict) -> None:
-        position = SlotPosition(tuple(batch["position"]), tuple(tuple(p) for p in batch["consumed_after"]))
-        self.slots[int(batch["slot"])] = position
-        self.advanced.add(int(batch["slot"]))
-        self.num_slots, self.last_worker = int(batch["num_slots"]), int(batch["worker"])
+    def update(self, report: StreamReport) -> None:
+        self.slots[report.slot] = SlotPosition(tuple(report.position), tuple(map(tuple, report.consumed_after)))
+        self.advanced.add(report.slot)
+        self.num_slots, self.last_worker = report.num_slots, report.worker
 
     def state_dict(self) -> dict:
         slots = {
@@ -197,7 +227,7 @@ class HeldOutSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Frames:
         return self.samples[index]
 
-    def collate(self, samples: list[Frames]) -> dict:
+    def collate(self, samples: list[Frames]) -> Batch:
         return _collate_rows([[frames] for frames in samples], self.max_seq_len)
 
 
@@ -224,7 +254,7 @@ class RowPacker:
             room -= len(chosen[0])
 
 
-def _collate_rows(rows: list[list[Frames]], length: int) -> dict:
+def _collate_rows(rows: list[list[Frames]], length: int, stream: StreamReport | None = None) -> Batch:
     batch = collate([concat_frames(row) for row in rows], length=length)
     positions = torch.zeros(len(rows), length, dtype=torch.long)
     doc_ids = torch.full((len(rows), length), -1, dtype=torch.long)
@@ -234,13 +264,7 @@ def _collate_rows(rows: list[list[Frames]], length: int) -> dict:
             positions[i, start : start + len(frames)] = torch.arange(len(frames))
             doc_ids[i, start : start + len(frames)] = doc
             start += len(frames)
-    return {
-        "tokens": batch.tokens,
-        "tokens_mask": batch.tokens_mask,
-        "labels": batch.labels,
-        "input_pos": positions,
-        "doc_ids": doc_ids,
-    }
+    return Batch(batch.tokens, batch.tokens_mask, batch.labels, positions, doc_ids, stream)
 
 
 def attention_mask(doc_ids: torch.Tensor, flex: bool = False) -> torch.Tensor | BlockMask:
@@ -408,7 +432,7 @@ class FrameStream(IterableDataset):
             f"(slot {slot}) and not one the model can train on: {causes}"
         )
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         slot, num_slots, worker = self._slot()
         packer = RowPacker(self.max_seq_len, self.lookahead)
         rows: list[list[tuple[Frames, str, Position]]] = []
@@ -433,18 +457,18 @@ class FrameStream(IterableDataset):
             unconsumed = [p for p in unconsumed if p not in consumed]
             oldest = unconsumed[0] if unconsumed else (position[0], position[1] + 1)
             consumed = {p for p in consumed if p > oldest}
-            yield {
-                **_collate_rows([[f for f, _, _ in row] for row in rows], self.max_seq_len),
-                "keys": [key for row in rows for _, key, _ in row],
-                "positions": [list(p) for row in rows for _, _, p in row],
-                "slot": slot,
-                "num_slots": num_slots,
-                "worker": worker,
-                "position": list(oldest),
-                "consumed_after": sorted([list(p) for p in consumed]),
-                "skipped": skipped,
-                "truncated": truncated,
-            }
+            report = StreamReport(
+                slot=slot,
+                num_slots=num_slots,
+                worker=worker,
+                position=tuple(oldest),
+                consumed_after=tuple(sorted(consumed)),
+                keys=[key for row in rows for _, key, _ in row],
+                sample_positions=[tuple(p) for row in rows for _, _, p in row],
+                skipped=skipped,
+                truncated=truncated,
+            )
+            yield _collate_rows([[f for f, _, _ in row] for row in rows], self.max_seq_len, report)
             rows, skipped, truncated = [], 0, 0
 
 

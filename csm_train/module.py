@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from csm_train.checkpoint import load_initial_weights
-from csm_train.data import CSMDataModule, attention_mask
+from csm_train.data import Batch, CSMDataModule, attention_mask
 from csm_train.lora import LoraConfig, apply_lora
 from csm_train.loss import csm_loss, decoder_frame_generator
 from csm_train.model import CSM, CSMConfig
@@ -156,12 +156,12 @@ class CSMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_step(self, batch: Batch, batch_idx: int):
         # The batch counts as consumed from here on: a checkpoint written after this step resumes after it
         # (callbacks' batch-end hooks, checkpointing among them, run before the module's own).
         datamodule = getattr(self._trainer, "datamodule", None)
         if isinstance(datamodule, CSMDataModule):
-            datamodule.stream_state.update(batch)
+            datamodule.stream_state.update(batch.stream)
         generator = decoder_frame_generator(
             self.seed, self.global_step, self.global_rank, batch_idx % self.trainer.accumulate_grad_batches
         )
@@ -175,29 +175,29 @@ class CSMModule(L.LightningModule):
         # collectives (Lightning refuses a None loss on several ranks); the update is dropped before the optimizer.
         return out.loss
 
-    def _loss(self, batch: dict, decoder_fraction: float, generator: torch.Generator | None = None):
+    def _loss(self, batch: Batch, decoder_fraction: float, generator: torch.Generator | None = None):
         """The CSM loss of a batch; rows packed with several conversations get a block-causal mask: on CUDA as
         a FlexAttention block mask (a fused kernel that skips masked tiles, where SDPA given a dense mask loses
         flash attention), elsewhere dense (FlexAttention has no CPU backward)."""
-        packed = bool((batch["doc_ids"] > 0).any())
+        packed = bool((batch.doc_ids > 0).any())
         return csm_loss(
             self.model,
-            batch["tokens"],
-            batch["tokens_mask"],
-            batch["labels"],
+            batch.tokens,
+            batch.tokens_mask,
+            batch.labels,
             decoder_fraction=decoder_fraction,
             generator=generator,
             w_semantic=self.loss_weights.w_semantic,
             w_acoustic=self.loss_weights.w_acoustic,
-            input_pos=batch["input_pos"],
-            mask=attention_mask(batch["doc_ids"], flex=batch["doc_ids"].is_cuda) if packed else None,
+            input_pos=batch.input_pos,
+            mask=attention_mask(batch.doc_ids, flex=batch.doc_ids.is_cuda) if packed else None,
         )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Every frame through the depth decoder: a held-out number must not depend on which 1/16 a seed picked.
         out = self._loss(batch, decoder_fraction=1.0)
         metrics = {"val/loss": out.loss, "val/c0_loss": out.c0_loss, "val/decoder_loss": out.decoder_loss}
-        self.log_dict(metrics, batch_size=len(batch["tokens"]), sync_dist=True)
+        self.log_dict(metrics, batch_size=len(batch.tokens), sync_dist=True)
 
     def _count_bad_step(self, loss: torch.Tensor) -> None:
         self.drop_update = True
@@ -228,7 +228,7 @@ class CSMModule(L.LightningModule):
         else:
             self.bad_steps_in_a_row = 0
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         # Under ZeRO the gradients live in DeepSpeed's partitions, not in `.grad`: its step computes their global
         # norm (before clipping), readable once the step has run, i.e. when the global step has moved on.
         strategy = self.trainer.strategy
@@ -238,16 +238,16 @@ class CSMModule(L.LightningModule):
             if norm is not None:
                 self.log("train/grad_norm", float(norm))
 
-    def _log_step(self, batch: dict, out) -> None:
-        frames = int(batch["tokens_mask"].any(-1).sum())
+    def _log_step(self, batch: Batch, out) -> None:
+        frames = int(batch.tokens_mask.any(-1).sum())
         metrics = {
             "train/loss": out.loss,
             "train/c0_loss": out.c0_loss,
             "train/decoder_loss": out.decoder_loss,
             "train/audio_frames": float(out.num_audio_frames),
             "train/frames": float(frames),
-            "train/skipped_samples": float(batch["skipped"]),
-            "train/truncated_samples": float(batch["truncated"]),
+            "train/skipped_samples": float(batch.stream.skipped),
+            "train/truncated_samples": float(batch.stream.truncated),
         }
         for k, (loss, acc) in enumerate(zip(out.codebook_losses, out.codebook_accuracies, strict=True)):
             metrics[f"codebook_loss/{k:02d}"] = loss

@@ -47,12 +47,12 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, module: CSMModule, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._start
-        frames = int(batch["tokens_mask"].any(-1).sum())  # non-padding frames: the backbone's useful work
-        audio_frames = int((batch["labels"][..., 0] != -100).sum())
+        frames = int(batch.tokens_mask.any(-1).sum())  # non-padding frames: the backbone's useful work
+        audio_frames = int((batch.labels[..., 0] != -100).sum())
         # The backbone is charged on every frame, the depth decoder only on the ⌈fraction × audio targets⌉ frames
         # the loss runs it on (plan.train_step_flops).
-        decoder_frames = decoder_frames_run(batch["labels"], module.loss_weights.decoder_fraction)
-        flops = train_step_flops(module.config, frames, decoder_frames, batch["tokens"].shape[1])
+        decoder_frames = decoder_frames_run(batch.labels, module.loss_weights.decoder_fraction)
+        flops = train_step_flops(module.config, frames, decoder_frames, batch.tokens.shape[1])
         metrics = {
             "perf/frames_per_s": frames / seconds,
             "perf/audio_s_per_s": audio_frames / MIMI_FRAME_RATE / seconds,

@@ -17,7 +17,7 @@ class RecordKeys(L.Callback):
         self.keys = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.keys += batch["keys"]
+        self.keys += batch.stream.keys
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -53,16 +53,16 @@ def test_writer_follows_the_shard_contract(dataset):
 
 def test_batches_are_packed_in_sesame_layout(dataset):
     batch = take(stream(dataset), 1)[0]
-    assert batch["tokens"].shape == (2, 1024, K + 1) and batch["labels"].shape == (2, 1024, K)
-    docs = batch["doc_ids"]
+    assert batch.tokens.shape == (2, 1024, K + 1) and batch.labels.shape == (2, 1024, K)
+    docs = batch.doc_ids
     assert docs.max() >= 1  # conversations of ~400 frames: two or more per 1024-frame row
     for row in range(2):
         for doc in range(int(docs[row].max()) + 1):
             frames = (docs[row] == doc).nonzero().flatten()
-            assert torch.equal(batch["input_pos"][row, frames], torch.arange(len(frames)))
-            assert batch["tokens"][row, frames[0], K] == ByteTokenizer.bos_id  # each starts with its BOS
+            assert torch.equal(batch.input_pos[row, frames], torch.arange(len(frames)))
+            assert batch.tokens[row, frames[0], K] == ByteTokenizer.bos_id  # each starts with its BOS
         padding = docs[row] == -1
-        assert not batch["tokens_mask"][row, padding].any() and (batch["labels"][row, padding] == -100).all()
+        assert not batch.tokens_mask[row, padding].any() and (batch.labels[row, padding] == -100).all()
     mask = attention_mask(docs)
     i, j = (docs[0] == 0).nonzero()[-1].item(), (docs[0] == 1).nonzero()[0].item()
     assert mask[0, 0, j, j - 1].item() is False and mask[0, 0, i, i - 1].item() is True  # no attention across
@@ -73,24 +73,24 @@ def test_packed_batch_trains_like_separate_conversations(dataset):
     batch = take(stream(dataset), 1)[0]
     torch.manual_seed(0)
     model = CSM(CSMConfig.preset("tiny", text_vocab_size=ByteTokenizer.vocab_size)).eval()
-    docs = batch["doc_ids"][:1]
+    docs = batch.doc_ids[:1]
     with torch.no_grad():
-        packed = model(batch["tokens"][:1], batch["tokens_mask"][:1], batch["input_pos"][:1], attention_mask(docs))
+        packed = model(batch.tokens[:1], batch.tokens_mask[:1], batch.input_pos[:1], attention_mask(docs))
         for doc in range(int(docs.max()) + 1):
             frames = (docs[0] == doc).nonzero().flatten()
-            alone = model(batch["tokens"][:1, frames], batch["tokens_mask"][:1, frames])
+            alone = model(batch.tokens[:1, frames], batch.tokens_mask[:1, frames])
             torch.testing.assert_close(packed.c0_logits[:, frames], alone.c0_logits, atol=1e-5, rtol=0)
 
 
 def test_stream_is_deterministic_and_slots_are_disjoint(dataset):
     a, b = take(stream(dataset), 5), take(stream(dataset), 5)
     for x, y in zip(a, b, strict=True):
-        assert x["keys"] == y["keys"] and torch.equal(x["tokens"], y["tokens"])
+        assert x.stream.keys == y.stream.keys and torch.equal(x.tokens, y.tokens)
     # Two ranks: disjoint samples within an epoch (24 samples each; 4 + 2 × 2 × ~2 read by batch 4).
     seen = []
     for rank in range(2):
         batches = take(stream(dataset, rank=rank, world_size=2, lookahead=4), 4)
-        seen.append({k for b in batches for k in b["keys"]})
+        seen.append({k for b in batches for k in b.stream.keys})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
@@ -99,36 +99,34 @@ def test_resume_neither_repeats_nor_skips(dataset):
     full = take(stream(dataset), 7)
     state = StreamState()
     for batch in full[:3]:
-        state.update(batch)
+        state.update(batch.stream)
     saved = json.loads(json.dumps(state.state_dict()))  # as it travels in a checkpoint
     restored = StreamState()
     restored.load_state_dict(saved)
     resumed = take(stream(dataset, state=restored), 4)
     for x, y in zip(full[3:], resumed, strict=True):
-        assert (
-            x["keys"] == y["keys"] and torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["labels"], y["labels"])
-        )
+        assert x.stream.keys == y.stream.keys and torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels)
     # Across epoch boundaries too: 48 samples an epoch, ~5 per batch.
     full = take(stream(dataset), 16)
-    assert full[-1]["position"][0] >= 1 and any(b["consumed_after"] for b in full)
+    assert full[-1].stream.position[0] >= 1 and any(b.stream.consumed_after for b in full)
     state = StreamState()
     for batch in full[:12]:
-        state.update(batch)
+        state.update(batch.stream)
     resumed = take(stream(dataset, state=state), 4)
-    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[12:]]
+    assert [b.stream.keys for b in resumed] == [b.stream.keys for b in full[12:]]
 
 
 def test_dataloader_workers_split_shards_and_resume_per_slot(dataset):
     loader = DataLoader(stream(dataset, lookahead=4), batch_size=None, num_workers=2)
     batches = take(loader, 6)
-    assert [b["slot"] for b in batches] == [0, 1, 0, 1, 0, 1]  # workers take turns
-    keys = [{k for b in batches if b["slot"] == s for k in b["keys"]} for s in (0, 1)]
+    assert [b.stream.slot for b in batches] == [0, 1, 0, 1, 0, 1]  # workers take turns
+    keys = [{k for b in batches if b.stream.slot == s for k in b.stream.keys} for s in (0, 1)]
     assert not keys[0] & keys[1]
     state = StreamState()
     for batch in batches[:3]:
-        state.update(batch)
+        state.update(batch.stream)
     resumed = take(DataLoader(stream(dataset, state=state, lookahead=4), batch_size=None, num_workers=2), 3)
-    assert [b["keys"] for b in resumed] == [b["keys"] for b in batches[3:]]
+    assert [b.stream.keys for b in resumed] == [b.stream.keys for b in batches[3:]]
 
 
 def test_lookahead_packing_wastes_little_and_keeps_every_sample(dataset):
@@ -136,15 +134,15 @@ def test_lookahead_packing_wastes_little_and_keeps_every_sample(dataset):
     best_fit = take(stream(dataset, lookahead=16), 16)
 
     def padding(batches):
-        return sum(int((b["doc_ids"] == -1).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
+        return sum(int((b.doc_ids == -1).sum()) for b in batches) / sum(b.doc_ids.numel() for b in batches)
 
     assert padding(best_fit) < padding(first_come) / 2
     # Out of order, but every sample exactly once: all of epoch 0 is trained on before the stream's
     # oldest unconsumed position moves into epoch 1, and no position comes twice.
-    positions = [tuple(p) for b in best_fit for p in b["positions"]]
+    positions = [tuple(p) for b in best_fit for p in b.stream.sample_positions]
     assert len(positions) == len(set(positions))
-    crossed = next(i for i, b in enumerate(best_fit) if b["position"][0] == 1)
-    epoch0 = {p for b in best_fit[: crossed + 1] for p in map(tuple, b["positions"]) if p[0] == 0}
+    crossed = next(i for i, b in enumerate(best_fit) if b.stream.position[0] == 1)
+    epoch0 = {p for b in best_fit[: crossed + 1] for p in map(tuple, b.stream.sample_positions) if p[0] == 0}
     assert epoch0 == {(0, i) for i in range(48)}
 
 
@@ -198,9 +196,9 @@ def test_sample_whose_codes_and_segments_disagree_is_skipped_and_counted(tmp_pat
                 member.size = len(data)
             tar.addfile(member, __import__("io").BytesIO(data))
     batches = take(stream(tmp_path, max_seq_len=60, batch_size=1, lookahead=1), 4)
-    keys = [k for b in batches for k in b["keys"]]
+    keys = [k for b in batches for k in b.stream.keys]
     assert "s/000002" not in keys and keys[:2] == ["s/000000", "s/000001"]
-    assert sum(b["skipped"] for b in batches) == 1
+    assert sum(b.stream.skipped for b in batches) == 1
 
 
 def test_missing_dataset_and_too_few_shards_are_clear(tmp_path, dataset):
@@ -220,7 +218,7 @@ def test_holdout_splits_by_key_and_refuses_an_empty_side(tmp_path):
     assert 0 < len(validation) < len(keys)
     assert {k for k in keys if held_out(k, 0.5)} >= validation  # a larger share only adds samples
     stream = FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=512, batch_size=2, lookahead=4, holdout=0.25)
-    trained = {key for batch in islice(stream, 20) for key in batch["keys"]}
+    trained = {key for batch in islice(stream, 20) for key in batch.stream.keys}
     assert trained and not trained & validation
     assert len(HeldOutSet(tmp_path, ByteTokenizer(), 32, 512, 0.25)) == len(validation)
     with pytest.raises(ValueError, match="holds out all 32 samples.*data.holdout=0"):
@@ -232,4 +230,4 @@ def test_holdout_splits_by_key_and_refuses_an_empty_side(tmp_path):
     (smallest,) = validation_keys(keys, 0.001)
     assert len(HeldOutSet(tmp_path, ByteTokenizer(), 32, 512, 0.001)) == 1
     stream = FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=512, batch_size=2, lookahead=4, holdout=0.001)
-    assert smallest not in {key for batch in islice(stream, 20) for key in batch["keys"]}
+    assert smallest not in {key for batch in islice(stream, 20) for key in batch.stream.keys}

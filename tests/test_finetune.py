@@ -193,7 +193,7 @@ def held_out_loss(model: CSM, dataset, holdout: float) -> float:
     held = HeldOutSet(dataset, ByteTokenizer(), 32, 1024, holdout)
     batch = held.collate(list(held))
     with torch.no_grad():
-        out = csm_loss(model.eval(), batch["tokens"], batch["tokens_mask"], batch["labels"], decoder_fraction=1.0)
+        out = csm_loss(model.eval(), batch.tokens, batch.tokens_mask, batch.labels, decoder_fraction=1.0)
     return float(out.loss)
 
 

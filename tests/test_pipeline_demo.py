@@ -62,8 +62,8 @@ def test_dataset_card_counts_what_was_kept_and_rejected(corpus, dataset):
 def test_shards_read_back_through_the_trainers_loader(dataset):
     stream = FrameStream(dataset, ByteTokenizer(), 32, max_seq_len=1024, batch_size=2, lookahead=4)
     batch = next(iter(stream))
-    assert batch["tokens"].shape == (2, 1024, 33) and batch["skipped"] == 0
-    assert batch["tokens_mask"][..., :32].any() and batch["tokens_mask"][..., 32].any()
+    assert batch.tokens.shape == (2, 1024, 33) and batch.stream.skipped == 0
+    assert batch.tokens_mask[..., :32].any() and batch.tokens_mask[..., 32].any()
 
 
 @pytest.mark.slow

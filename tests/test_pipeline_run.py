@@ -88,7 +88,7 @@ def test_pipeline_writes_the_shard_contract_and_records_failures(corpus, encoder
     assert card["windows"] == len(keys) and card["codec"]["weights_id"] and card["config_hash"]
     # The trainer reads it back: segments' frames index the codes, text is tokenized at load time.
     batch = next(iter(FrameStream(tmp_path, ByteTokenizer(), 32, max_seq_len=256, batch_size=2, lookahead=2)))
-    assert batch["tokens"].shape == (2, 256, 33) and batch["skipped"] == 0 and batch["truncated"] == 0
+    assert batch.tokens.shape == (2, 256, 33) and batch.stream.skipped == 0 and batch.stream.truncated == 0
 
 
 def test_parts_merge_into_the_single_process_result(corpus, encoder, tmp_path):
