@@ -160,7 +160,7 @@ def main():
         for _ in range(n):
             next(it)
         loader_batches_per_s = n / (time.perf_counter() - start)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = batch.to(device)
     mask = batch_mask(batch, args.mask)
 
     if device.type == "cuda":

@@ -28,7 +28,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -109,6 +109,11 @@ class Batch:
     input_pos: torch.Tensor
     doc_ids: torch.Tensor
     stream: StreamReport | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The tensors on `device` (Lightning moves batches itself; benchmarks and scripts call this)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stream"}
+        return replace(self, **{name: tensor.to(device) for name, tensor in tensors.items()})
 
 
 @dataclass
