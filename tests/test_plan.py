@@ -10,6 +10,7 @@ import torch
 
 import csm_train.model as model_module
 from csm_train import CSM, CSMConfig, csm_loss
+from csm_train.data import Batch
 from csm_train.loss import decoder_frame_generator
 from csm_train.plan import (
     GiB,
@@ -182,7 +183,8 @@ def test_trainer_mfu_charges_the_decoder_on_the_frames_it_ran(monkeypatch):
     logged = {}
     monkeypatch.setattr(module, "log_dict", lambda metrics: logged.update(metrics))
     callback = Throughput(peak_flops=1e12)
-    data = {"tokens": tokens, "tokens_mask": mask, "labels": labels}
+    zeros = torch.zeros(tokens.shape[:2], dtype=torch.long)
+    data = Batch(tokens, mask, labels, input_pos=zeros, doc_ids=zeros)
     callback.on_train_batch_start(None, module, data, 0)
     callback.on_train_batch_end(None, module, None, data, 0)
 
