@@ -27,6 +27,7 @@ was made with; a run with different settings on the same output directory stops 
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import io
 import json
@@ -325,7 +326,7 @@ def _install(scratch: Path, target: Path) -> None:
     a part that merge calls unfinished, never a finished-looking mix."""
     new = {p.relative_to(scratch) for p in scratch.rglob("*") if p.is_file()}
     old = {p.relative_to(target) for p in target.rglob("*") if p.is_file()} if target.exists() else set()
-    changed = {f for f in new if f not in old or (scratch / f).read_bytes() != (target / f).read_bytes()}
+    changed = {f for f in new if f not in old or not filecmp.cmp(scratch / f, target / f, shallow=False)}
     if changed or old - new:
         (target / "dataset.json").unlink(missing_ok=True)
         for f in sorted(old - new):

@@ -152,6 +152,21 @@ def pipeline_command(corpus, out) -> list[str]:
     ]
 
 
+def write_with_ffmpeg(path, codec: str, container: str, rate: int, audio, options=None) -> None:
+    """Encode `audio` [channels, n] (1 or 2 channels, float32) with FFmpeg through PyAV: the formats libsndfile
+    cannot read (m4a, aac, webm, mp4)."""
+    import av
+    import numpy as np
+
+    layout = "mono" if len(audio) == 1 else "stereo"
+    with av.open(str(path), "w", format=container, options=options or {}) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=layout)
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """Four espeak-ng conversations with their truth (and the planted broken files)."""

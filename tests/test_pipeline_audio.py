@@ -9,6 +9,7 @@ import numpy as np
 import pyloudnorm
 import pytest
 import soundfile as sf
+from conftest import write_with_ffmpeg
 
 from data_pipeline.audio import AudioError, decode, discover, load_audio, source_id
 from data_pipeline.shards import sample_key
@@ -41,16 +42,6 @@ def test_formats_rates_and_channels_become_mono_24k_at_target_loudness(tmp_path,
     loudness = pyloudnorm.Meter(24000).integrated_loudness(audio.astype(np.float64))
     assert abs(loudness - (-23.0)) < 0.5
     assert np.abs(audio).max() <= 0.99
-
-
-def write_with_ffmpeg(path, codec: str, container: str, rate: int, audio: np.ndarray, options=None) -> None:
-    """Encode stereo `audio` [2, n] with FFmpeg (PyAV): the formats libsndfile cannot read."""
-    with av.open(str(path), "w", format=container, options=options or {}) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout="stereo")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
 
 
 @pytest.mark.parametrize(

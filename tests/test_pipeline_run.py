@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import wait_for, write_with_ffmpeg
 
 from csm_train.data import FrameStream
 from csm_train.tokenizer import ByteTokenizer
@@ -22,7 +22,6 @@ from data_pipeline.codec import MimiCodec
 from data_pipeline.run import Pipeline, PipelineConfig, merge
 from data_pipeline.shards import read_samples
 from data_pipeline.transcribe import SidecarTranscripts
-from tests.conftest import wait_for
 
 LINES = ["we should go to the library", "sounds good to me", "let us meet at ten", "i will bring coffee"]
 
@@ -209,12 +208,7 @@ def test_other_formats_empty_windows_and_skipped_files_are_all_accounted_for(tmp
     root.mkdir()
     write_recording(root / "talk.wav", seed=0, seconds=6.0)
     audio, rate = sf.read(root / "talk.wav", dtype="float32")
-    with av.open(str(root / "phone.m4a"), "w", format="ipod") as out:  # AAC in MP4: FFmpeg's, not libsndfile's
-        stream = out.add_stream("aac", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(audio[None], format="fltp", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
+    write_with_ffmpeg(root / "phone.m4a", "aac", "ipod", rate, audio[None])  # AAC in MP4: FFmpeg's, not libsndfile's
     shutil.copy(root / "talk.json", root / "phone.json")
     write_recording(root / "mumbled.wav", seed=1, seconds=6.0)  # every word below the ASR confidence floor
     words = json.loads((root / "mumbled.json").read_text())["words"]
