@@ -18,7 +18,7 @@ from csm_train.generate import Sampling
 from data_pipeline.device import resolve_device
 from data_pipeline.shards import MIMI_FRAME_RATE
 from eval.speaker import Speaker, resolve_checkpoint
-from serve import api
+from serve import api, playground
 from serve.conversations import Conversations
 from serve.engine import Engine
 from serve.errors import APIError, install_handlers
@@ -111,6 +111,7 @@ def create_app(service: Service, keys: list[str]) -> FastAPI:
     app.state.service = service
     install_handlers(app)
     app.include_router(api.router)
+    app.include_router(playground.router)
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
     app.add_middleware(KeyAuth, keys=keys)  # added last: runs first, before a body is read
     return app

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -251,3 +252,70 @@ def wait_for(what: str, condition, timeout: float = 30):
 
 def job_state(cluster_env: dict, job_id: str) -> str:
     return slurm(cluster_env, "squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").strip()
+
+
+# -- python -m serve: one real server process for the session (tests/test_serve*.py) ---------------------------
+
+SERVE_KEY = "sk-test-key"
+SERVE_CONTEXT_FRAMES = 360  # the server's context: small, so a short conversation is pruned
+SERVE_ARGS = ["tokenizer={_target_: csm_train.tokenizer.ByteTokenizer}", "codec='random-init:seed=0'"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory):
+    """A tiny random-weights CSM for a byte tokenizer, saved as `save_pretrained` writes it."""
+    from csm_train import CSM, CSMConfig
+    from csm_train.tokenizer import ByteTokenizer
+
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    torch.manual_seed(0)
+    CSM(CSMConfig.preset("tiny", text_vocab_size=ByteTokenizer.vocab_size)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serve_voice_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("voices")
+
+
+def start_server(command: list[str], log: Path, timeout: float = 180):
+    """Start `python -m serve …` and wait for /health: (process, base URL). `command` lacks the port."""
+    import httpx
+
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([*command, f"port={port}"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def server(serve_checkpoint, serve_voice_dir, tmp_path_factory):
+    """The base URL of a running server (keys on, batches of 2, one torch thread); its voice store is built
+    (built-in voices) at its start."""
+    command = [
+        sys.executable, "-m", "serve", f"checkpoint={serve_checkpoint}", *SERVE_ARGS, f"voice_dir={serve_voice_dir}",
+        f"api_keys=[{SERVE_KEY}]", f"context_frames={SERVE_CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
+        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
+        "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
+    ]  # fmt: skip
+    process, url = start_server(command, tmp_path_factory.mktemp("log") / "server.log")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,70 +23,19 @@ import openai
 import pytest
 import soundfile as sf
 import torch
+from conftest import SERVE_ARGS, SERVE_CONTEXT_FRAMES, SERVE_KEY
 
-from csm_train import CSM, CSMConfig
+from csm_train import CSM
 from csm_train.tokenizer import ByteTokenizer
 from data_pipeline.demo_corpus import speak
 
-KEY = "sk-test-key"
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
-CONTEXT_FRAMES = 360  # the server's context: small, so a short conversation is pruned
 SHORT = {"max_audio_length_ms": 400, "seed": 0}  # 5 frames
-SERVE_ARGS = ["tokenizer={_target_: csm_train.tokenizer.ByteTokenizer}", "codec='random-init:seed=0'"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    torch.manual_seed(0)
-    CSM(CSMConfig.preset("tiny", text_vocab_size=ByteTokenizer.vocab_size)).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def voice_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("voices")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, voice_dir, tmp_path_factory):
-    """The base URL of a running server; its voice store is built (built-in voices) at its start."""
-    port, voices = free_port(), voice_dir
-    command = [
-        sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, f"voice_dir={voices}",
-        f"port={port}", f"api_keys=[{KEY}]", f"context_frames={CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
-        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
-        "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
-    ]  # fmt: skip
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=SERVE_KEY, max_retries=0)
 
 
 def say(client, text="Hello there.", voice="alloy", **extra):
@@ -181,14 +129,14 @@ def clip(tmp_path_factory):
     return path
 
 
-def test_uploaded_voice_is_the_prompts_context(server, voice_dir, client, clip):
+def test_uploaded_voice_is_the_prompts_context(server, serve_voice_dir, client, clip):
     transcript = "I made some tea for everyone this morning."
     voice = client.audio.voices.create(
         audio_sample=("me.wav", clip.read_bytes(), "audio/wav"), consent="cons_test", name="../../me",
         extra_body={"transcript": transcript},
     )  # fmt: skip
     assert voice.object == "audio.voice" and voice.id.startswith("voice_") and voice.name == "../../me"
-    assert sorted(p.name for p in voice_dir.iterdir()) == ["alloy", voice.id]  # a name is never a path
+    assert sorted(p.name for p in serve_voice_dir.iterdir()) == ["alloy", voice.id]  # a name is never a path
     listed = {v["id"]: v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"]}
     assert set(listed) == {"alloy", voice.id} and listed["alloy"]["builtin"]
     frames = listed[voice.id]["frames"]
@@ -223,12 +171,12 @@ def test_conversation_grows_then_is_pruned(server, client):
     for _ in range(6):
         _, headers = say(client, text, conversation_id="talk-1")
         seen.append((int(headers["x-csm-context-turns"]), int(headers["x-csm-pruned-turns"])))
-        assert int(headers["x-csm-input-tokens"]) + 5 <= CONTEXT_FRAMES
+        assert int(headers["x-csm-input-tokens"]) + 5 <= SERVE_CONTEXT_FRAMES
     # the prompt: alloy's turn, the earlier turns that fit, the text; positions = bytes + BOS + EOS (+ frames + end)
     alloy = next(v for v in httpx.get(f"{server}/v1/audio/voices", headers=auth()).json()["data"] if v["id"] == "alloy")
     voice = len(f"[0]{alloy['transcript']}".encode()) + 2 + alloy["frames"] + 1
     answer = len(f"[0]{text}".encode()) + 2
-    room = CONTEXT_FRAMES - 5 - answer - voice
+    room = SERVE_CONTEXT_FRAMES - 5 - answer - voice
     fits = room // (answer + 5 + 1)  # each earlier turn: its text, 5 frames, end of audio
     assert 1 <= fits <= 4
     assert seen == [(1 + min(k, fits), max(0, k - fits)) for k in range(6)]  # grows, then the oldest go
@@ -239,7 +187,7 @@ def test_conversation_grows_then_is_pruned(server, client):
 
 
 def auth() -> dict:
-    return {"Authorization": f"Bearer {KEY}"}
+    return {"Authorization": f"Bearer {SERVE_KEY}"}
 
 
 def wait_for(condition, timeout=20.0, state=lambda: None):
@@ -337,14 +285,14 @@ def test_bad_uploads(server, client, clip):
     assert health(server)["status"] == "ok"  # nothing above hurt the server
 
 
-def test_no_keys_no_public_bind(checkpoint, tmp_path):
-    command = [sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, "host=0.0.0.0"]
+def test_no_keys_no_public_bind(serve_checkpoint, tmp_path):
+    command = [sys.executable, "-m", "serve", f"checkpoint={serve_checkpoint}", *SERVE_ARGS, "host=0.0.0.0"]
     env = {k: v for k, v in os.environ.items() if k != "CSM_SERVE_API_KEYS"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in done.stderr + done.stdout
 
 
-def test_engine_batched_equals_alone(checkpoint):
+def test_engine_batched_equals_alone(serve_checkpoint):
     """In process: jobs with prompts of different lengths, joining at different steps, get exactly the codes
     `csm_train.generate.generate` makes for each alone with the same seed."""
     import asyncio
@@ -353,7 +301,7 @@ def test_engine_batched_equals_alone(checkpoint):
     from csm_train.layout import Segment
     from serve.engine import Engine
 
-    model = CSM.from_pretrained(checkpoint).eval()
+    model = CSM.from_pretrained(serve_checkpoint).eval()
     tokenizer, g = ByteTokenizer(), torch.Generator().manual_seed(0)
     context = [Segment(1, "Earlier words.", torch.randint(0, 2048, (32, 12), generator=g))]
     prompts = [prompt_frames(tokenizer, 32, "Hi.", 0, []), prompt_frames(tokenizer, 32, "Hello to you.", 0, context),
