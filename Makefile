@@ -13,6 +13,12 @@ system-deps:
 	  $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null \
 	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null; } \
 	    || { echo "could not install espeak-ng: install it with your package manager and run again"; exit 1; }; }
+	@[ -x /usr/bin/chromedriver ] || { \
+	  echo "installing chromium and chromium-driver (apt): tests/test_serve_playground.py drives the playground page"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
+	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; } \
+	    || { echo "could not install chromium and chromium-driver (/usr/bin/chromedriver): install them with your package manager and run again"; exit 1; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
