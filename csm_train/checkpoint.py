@@ -8,6 +8,7 @@ into a model. Anything that reads weights goes through `load_checkpoint` (`CSM.f
 * **Sesame's**: `model.safetensors` or `ckpt.pt`, beside Sesame's `config.json` or recognised by shape (`save_sesame`);
 * **transformers'**: a `CsmForConditionalGeneration.save_pretrained` directory (`save_transformers`);
 * a **Hub id** such as `sesame/csm-1b`, downloaded;
+* a **GGUF** file (`*.gguf`): ours or csm.rs's, dequantized to fp32 (`gguf.py`; `save_gguf` writes one);
 * a **training checkpoint**: a Lightning `.ckpt` file (DDP/CPU runs) or a DeepSpeed ZeRO checkpoint directory
   (Lightning's `last.ckpt/` under a DeepSpeed strategy, or any `engine.save_checkpoint` directory), whose fp32
   partitions are gathered into full tensors with DeepSpeed's own `zero_to_fp32` merge, LoRA adapters merged.
@@ -119,6 +120,10 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[CSMCo
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if is_training_checkpoint(path):
         return load_training_checkpoint(path, trust_pickle)
+    if path.is_file() and path.suffix == ".gguf":
+        from csm_train.gguf import read_gguf  # needs the gguf package, which nothing else here does
+
+        return read_gguf(path)
     directory = path.parent if path.is_file() else path
     state_dict = _load_weights(path if path.is_file() else _find_weights(path))
     config_file = directory / "config.json"
@@ -230,6 +235,14 @@ def save_transformers(model: CSM, directory: str | Path, codec, token_ids: dict 
     weights |= {f"codec_model.{k}": v for k, v in codec.state_dict().items()}
     hf.load_state_dict(weights, strict=True)
     hf.save_pretrained(directory)
+
+
+def save_gguf(model: CSM, path: str | Path, qtype: str = "q8_0"):
+    """A GGUF file csm.rs serves (`qtype`: f16, q8_0, q4_1; see `gguf.py`), which `load_checkpoint` reads back
+    dequantized. Returns the `GGUFReport` (each tensor's type and relative error)."""
+    from csm_train.gguf import write_gguf
+
+    return write_gguf(_weights(model), model.config, path, qtype)
 
 
 # -- training checkpoints ----------------------------------------------------------------------------------

@@ -83,6 +83,21 @@ def _parameter_names(config: CSMConfig) -> list[str]:
         return list(CSM(config).state_dict())
 
 
+def our_name_from_transformers(hf_name: str) -> str | None:
+    """Our name for a transformers CSM tensor name, or None for one CSM lacks (the codec, the depth decoder's tied
+    copy of the audio embeddings). Names only: the q/k rows still need `state_dict_from_transformers`."""
+    top = {hf: ours for ours, hf in _TOP_LEVEL_NAMES.items()}
+    if hf_name in top:
+        return top[hf_name]
+    prefixes = {hf: ours for ours, hf in _TRANSFORMER_PREFIXES.items()}
+    layer_names = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    match = re.fullmatch(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)", hf_name)
+    if match is None or match.group(3) not in layer_names:
+        return None
+    prefix, layer, rest = match.groups()
+    return f"{prefixes[prefix]}.layers.{layer}.{layer_names[rest]}"
+
+
 def state_dict_to_transformers(state_dict: dict[str, torch.Tensor], config: CSMConfig) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state_dict.items():
