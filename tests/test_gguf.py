@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from csm_train import CSM, CSMConfig
 from csm_train.convert import main as convert_main
 from csm_train.formats import SESAME_FLAVORS, state_dict_from_transformers, state_dict_to_transformers
-from csm_train.gguf import CONFIG_KEY, CSM_RS_KEYS, quantized_by_csm_rs, read_gguf
+from csm_train.gguf import CONFIG_KEY, CSM_RS_KEYS, quantized_by_csm_rs, read_gguf, tensor_type
 
 # Tiny preset, small vocabularies: every quantized row (128, 64, 384, 192 wide) is whole Q8_0/Q4_1 blocks of 32.
 CONFIG = CSMConfig.preset("tiny", text_vocab_size=256, audio_vocab_size=67, num_codebooks=8)
@@ -137,6 +137,14 @@ def test_read_back_within_each_types_error(source, written, qtype):
     (c0, dec), (c0_back, dec_back) = _logits(model, tokens, mask), _logits(back, tokens, mask)
     assert _relative(c0_back, c0) <= LOGITS_BOUND[qtype]
     assert _relative(dec_back, dec) <= LOGITS_BOUND[qtype]
+
+
+def test_rows_of_partial_blocks_stay_f16():
+    """As llama.cpp: a row that is no whole number of blocks (32 for Q8_0/Q4_1, 256 for Q4_K) is not quantized."""
+    assert tensor_type("decoder.layers.0.mlp.w1.weight", (96, 48), "q8_0") == T.F16
+    assert tensor_type("decoder.layers.0.mlp.w1.weight", (96, 64), "q8_0") == T.Q8_0
+    assert tensor_type("decoder.layers.0.mlp.w1.weight", (96, 192), "q4_k") == T.F16
+    assert tensor_type("backbone.layers.0.sa_norm.scale", (64,), "q8_0") == T.F16
 
 
 def test_q4_k_needs_a_quantizer(source, tmp_path, capsys):
