@@ -1,5 +1,5 @@
 """The routes: OpenAI's Speech API (`POST /v1/audio/speech`, `GET /v1/models`, `/v1/audio/voices`) with CSM's
-extras, conversations, and `/health`.
+extras, conversations, `/health` and Prometheus `/metrics` (serve.telemetry).
 
 `POST /v1/audio/speech` answers as OpenAI's does: the audio file's bytes as a chunked body
 (`stream_format: "audio"`, the default) or server-sent events (`"sse"`: `speech.audio.delta` events whose
@@ -25,18 +25,20 @@ import base64
 import binascii
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from csm_train.generate import Sampling
 from csm_train.layout import Segment, conversation_frames
 from data_pipeline.audio import AudioError
+from data_pipeline.shards import MIMI_FRAME_RATE
 from serve.context import DoesNotFit, fit
 from serve.conversations import CONVERSATION_ID
 from serve.encode import MEDIA_TYPES, Encoder
@@ -85,6 +87,12 @@ async def health(request: Request):
     service = _service(request)
     return {"status": "ok", "engine": service.engine.stats(), "voices": len(service.voices.list()),
             "conversations": len(service.conversations)}  # fmt: skip
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    body, media_type = _service(request).metrics.exposition()
+    return Response(body, media_type=media_type)
 
 
 @router.get("/v1/models")
@@ -146,28 +154,43 @@ async def speech(body: SpeechRequest, request: Request):
              "pruned_turns": prompt.pruned_turns, "voice_frames": prompt.voice_frames}  # fmt: skip
     headers = {f"x-csm-{k.replace('_', '-')}": str(v) for k, v in usage.items()}
     headers["x-csm-instructions"] = "ignored" if body.instructions else "none"
-    audio = _audio(service, job, Encoder(body.response_format), finished)
+    request.state.log.update(model=body.model, voice=voice.id, chars=len(body.input), format=body.response_format,
+                             stream_format=body.stream_format, conversation_id=body.conversation_id,
+                             **usage)  # fmt: skip
+    audio = _audio(service, job, Encoder(body.response_format), finished, request.state)
     if body.stream_format == "sse":
         return StreamingResponse(_sse(audio, job, usage), media_type="text/event-stream", headers=headers)
     return StreamingResponse(audio, media_type=MEDIA_TYPES[body.response_format], headers=headers)
 
 
-async def _audio(service, job, encoder: Encoder, finished):
+async def _audio(service, job, encoder: Encoder, finished, state):
     """The encoded file, piece by piece: frames → Mimi's streaming decoder → the format's encoder. A client
-    that goes away cancels the stream here, which cancels the job: its generation stops at the next frame."""
+    that goes away cancels the stream here, which cancels the job: its generation stops at the next frame.
+    Time to first audio and the real-time factor go to the metrics and the request's log line."""
     decoder = service.codec.streaming_decoder()
-    codes = []
+    codes, metrics, first = [], service.metrics, None
     try:
         async for chunk in job.chunks(service.chunk_frames):
             codes.append(chunk)
             samples = await service.in_codec_thread(decoder.decode, chunk)
             data = await run_in_threadpool(encoder.feed, samples)
             if data:
+                if first is None:
+                    first = time.perf_counter() - state.started
+                    metrics.first_audio.observe(first)
+                    state.log["first_audio_s"] = round(first, 4)
                 yield data
         yield await run_in_threadpool(encoder.close)
         finished(torch.cat(codes, dim=1) if codes else torch.zeros(0, 0, dtype=torch.long))
     finally:
         job.cancel()
+        seconds = job.frames / MIMI_FRAME_RATE
+        metrics.audio_seconds.inc(seconds)
+        state.log.update(frames=job.frames, ended=job.ended or "cancelled", audio_s=round(seconds, 3))
+        if seconds:
+            rtf = (time.perf_counter() - state.started) / seconds
+            metrics.rtf.observe(rtf)
+            state.log["rtf"] = round(rtf, 3)
 
 
 async def _sse(audio, job, usage: dict):

@@ -23,6 +23,7 @@ from serve.conversations import Conversations
 from serve.engine import Engine
 from serve.errors import APIError, install_handlers
 from serve.security import BodyLimit, KeyAuth
+from serve.telemetry import Metrics, Telemetry
 from serve.voices import Transcriber, VoiceStore, make_builtin_voices
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Service:
         self.transcriber = Transcriber(cfg.asr) if cfg.asr else None
         self.conversations = Conversations(self.tokenizer, self.limit, cfg.conversation_ttl_s, cfg.max_conversations)
         self.engine = Engine(self.model, cfg.queue_size, cfg.max_batch)
+        self.metrics = Metrics(self.engine)
         # Mimi runs on one thread of its own: every request's audio is decoded by the same thread, so by the same
         # kernels (a thread that other libraries' calls, such as the ASR's, left with other settings could round
         # differently), and the engine's thread and this one share the CPU without oversubscribing it.
@@ -113,5 +115,8 @@ def create_app(service: Service, keys: list[str]) -> FastAPI:
     app.include_router(api.router)
     app.include_router(playground.router)
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
-    app.add_middleware(KeyAuth, keys=keys)  # added last: runs first, before a body is read
+    app.add_middleware(KeyAuth, keys=keys)  # before a body is read
+    app.add_middleware(
+        Telemetry, metrics=service.metrics, routes=[*api.router.routes, *playground.router.routes]
+    )  # added last: runs first, so it sees refusals too
     return app

@@ -84,7 +84,7 @@ class Engine:
         self._wake = threading.Condition()
         self._closing = False
         self.rows: list[Job] = []
-        self.counts: Counter[str] = Counter()  # jobs by how they ended, and steps (all, and shared by >1 job)
+        self.counts: Counter[str] = Counter()  # jobs by how they ended; steps: all, shared by >1 job, rows over all
         self.peak_rows = 0
         self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
         self._thread.start()
@@ -101,9 +101,11 @@ class Engine:
         return job
 
     def stats(self) -> dict:
-        jobs = {k: v for k, v in self.counts.items() if not k.startswith("steps")}
+        counts = dict(self.counts)  # one copy: the worker may add a key meanwhile
+        jobs = {k: v for k, v in counts.items() if not k.startswith("steps")}
         return {"queued": len(self._waiting), "running": len(self.rows), "peak_batch": self.peak_rows,
-                "steps": self.counts["steps"], "batched_steps": self.counts["steps_batched"], "jobs": jobs}  # fmt: skip
+                "steps": counts.get("steps", 0), "batched_steps": counts.get("steps_batched", 0),
+                "rows": counts.get("steps_rows", 0), "jobs": jobs}  # fmt: skip
 
     def close(self) -> None:
         """Stop once the running and waiting jobs are done."""
@@ -174,6 +176,7 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(self.rows))
         self.counts["steps"] += 1
         self.counts["steps_batched"] += len(self.rows) > 1
+        self.counts["steps_rows"] += len(self.rows)
         frames = decode_frame_per_job(model, torch.cat(states), self.rows)
         self.t += 1
         keep = []

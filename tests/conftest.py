@@ -306,16 +306,22 @@ def start_server(command: list[str], log: Path, timeout: float = 180):
 
 
 @pytest.fixture(scope="session")
-def server(serve_checkpoint, serve_voice_dir, tmp_path_factory):
-    """The base URL of a running server (keys on, batches of 2, one torch thread); its voice store is built
-    (built-in voices) at its start."""
+def serve_log(tmp_path_factory):
+    """The session server's output: JSON log lines."""
+    return tmp_path_factory.mktemp("log") / "server.log"
+
+
+@pytest.fixture(scope="session")
+def server(serve_checkpoint, serve_voice_dir, serve_log):
+    """The base URL of a running server (keys on, batches of 2, one torch thread, JSON logs); its voice store is
+    built (built-in voices) at its start."""
     command = [
         sys.executable, "-m", "serve", f"checkpoint={serve_checkpoint}", *SERVE_ARGS, f"voice_dir={serve_voice_dir}",
         f"api_keys=[{SERVE_KEY}]", f"context_frames={SERVE_CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
-        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_level=warning",
+        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_format=json",
         "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
     ]  # fmt: skip
-    process, url = start_server(command, tmp_path_factory.mktemp("log") / "server.log")
+    process, url = start_server(command, serve_log)
     yield url
     process.terminate()
     process.wait(timeout=30)

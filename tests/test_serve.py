@@ -24,6 +24,7 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import SERVE_ARGS, SERVE_CONTEXT_FRAMES, SERVE_KEY
+from prometheus_client.parser import text_string_to_metric_families
 
 from csm_train import CSM
 from csm_train.tokenizer import ByteTokenizer
@@ -237,7 +238,57 @@ def test_concurrent_requests_share_steps_and_keep_their_seeds(server, client):
     for thread in threads:
         thread.join()
     assert health(server)["engine"]["batched_steps"] > before  # they shared frame steps
+    assert metric(server, "csm_engine_batched_steps_total") == health(server)["engine"]["batched_steps"]
     assert together == alone and alone[3] != alone[4]
+
+
+def metrics(server) -> dict[tuple[str, tuple], float]:
+    """`/metrics` (no key needed), parsed by prometheus_client: {(sample name, sorted labels): value}."""
+    response = httpx.get(f"{server}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}  # fmt: skip
+
+
+def metric(server, name: str, **labels) -> float:
+    return metrics(server).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_and_request_log(server, serve_log, client):
+    before = metrics(server)
+    _, headers = say(client, "Counting.")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    after = metrics(server)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    deadline = time.monotonic() + 10  # a request is counted once its response has been sent: poll
+    while not (grew("csm_requests_total", method="GET", route="/v1/models", status="401")
+               and grew("csm_real_time_factor_count")):  # fmt: skip
+        assert time.monotonic() < deadline, "the requests were not counted"
+        time.sleep(0.1)
+        after = metrics(server)
+    assert grew("csm_requests_total", method="POST", route="/v1/audio/speech", status="200") == 1
+    assert grew("csm_requests_total", method="GET", route="/v1/models", status="401") == 1  # refused, yet counted
+    assert grew("csm_time_to_first_audio_seconds_count") == 1 and grew("csm_real_time_factor_count") == 1
+    assert grew("csm_audio_seconds_total") == pytest.approx(0.4)  # 5 frames of 80 ms
+    assert grew("csm_engine_step_rows_total") >= grew("csm_engine_steps_total") >= 5
+    assert after[("csm_queue_depth", ())] == 0 and after[("csm_running_requests", ())] == 0
+
+    request_id = headers["x-request-id"]
+    assert request_id.startswith("req_")
+    deadline = time.monotonic() + 10  # the line is written once the response has been sent
+    while not (lines := [json.loads(line) for line in serve_log.read_text().splitlines() if request_id in line]):
+        assert time.monotonic() < deadline, "no log line for the request"
+        time.sleep(0.1)
+    (line,) = lines
+    assert line["logger"] == "serve.access" and line["level"] == "INFO"
+    assert (line["method"], line["route"], line["status"], line["voice"]) == ("POST", "/v1/audio/speech", 200, "alloy")
+    assert (line["frames"], line["ended"], line["audio_s"]) == (5, "max_frames", 0.4)
+    assert 0 < line["first_audio_s"] <= line["duration_s"] and line["rtf"] > 0
 
 
 @pytest.mark.parametrize(
