@@ -1,24 +1,26 @@
 # The README's two commands. Each installs what it needs on first use: espeak-ng (apt, for the demo corpus's
-# speech) and the project in .venv.
+# speech), for the tests also Chromium (apt, for the playground page's browser test), and the project in .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= data/demo
 
-.PHONY: quickstart test bench system-deps
+.PHONY: quickstart test bench system-deps test-deps
+
+# apt_install,CHECK,PACKAGES,WHY: install Debian packages (as root or with sudo) unless CHECK already succeeds
+define apt_install
+@$(1) >/dev/null 2>&1 || { \
+  echo "installing $(2) (apt): $(3)"; \
+  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+  $$SUDO apt-get install -y --no-install-recommends $(2) >/dev/null \
+    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends $(2) >/dev/null; } \
+    || { echo "could not install $(2): install it with your package manager and run again"; exit 1; }; }
+endef
 
 system-deps:
-	@command -v espeak-ng >/dev/null || { \
-	  echo "installing espeak-ng (apt): the demo corpus is speech it synthesises offline"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null \
-	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends espeak-ng >/dev/null; } \
-	    || { echo "could not install espeak-ng: install it with your package manager and run again"; exit 1; }; }
-	@[ -x /usr/bin/chromedriver ] || { \
-	  echo "installing chromium and chromium-driver (apt): tests/test_serve_playground.py drives the playground page"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
-	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; } \
-	    || { echo "could not install chromium and chromium-driver (/usr/bin/chromedriver): install them with your package manager and run again"; exit 1; }; }
+	$(call apt_install,command -v espeak-ng,espeak-ng,the demo corpus is speech it synthesises offline)
+
+test-deps: system-deps
+	$(call apt_install,test -x /usr/bin/chromedriver,chromium chromium-driver,tests/test_serve_playground.py drives the playground page in headless Chromium)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -42,7 +44,7 @@ $(VENV)/.extras: $(VENV)/.installed scripts/install_extras.sh
 
 # Lint, then every test. The SLURM tests start a real local cluster (launch/local_slurm.sh installs SLURM with apt,
 # as root or with sudo) and fail where it cannot run: `CSM_SKIP_SLURM=1 make test` skips them instead.
-test: system-deps $(VENV)/.extras
+test: test-deps $(VENV)/.extras
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
