@@ -25,6 +25,9 @@
 #   consolidate  python -m csm_train.convert --to ours on the ZeRO-3 checkpoint (z2's if z3 failed), loaded back
 #   attention    bench/bench_attention.py --device cuda --preset 100m --seq-len 2048 --dtype bf16 (flash vs
 #                packed masks); "missing" where the script is not in this tree
+#   serve        bench/bench_serve.py --device cuda: python -m serve on a random 1b, 1/8/16 concurrent streaming
+#                clients, batched (max_batch=16) vs one at a time: aggregate audio s/s ratio, p95 time to first
+#                audio vs a lone client (issue 16); skipped where the machine lacks what serve imports
 #   ckpt_1b      (if time is left) the 1b step again with activation checkpointing: its compute and memory cost
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -209,6 +212,32 @@ if [ -f bench/bench_attention.py ]; then
     fi
 else
     say "check attention: missing (bench/bench_attention.py is not in this tree)"
+fi
+
+# ---- the speech server: batched vs one request at a time (bench/bench_serve.py, issue 16) ---------------------
+# Its packages come from bench/gpu_wheels in a pip install of their own: a failure here leaves training's alone.
+SERVE_NEEDED="import fastapi, uvicorn, python_multipart, httpx, rich, av, soundfile, soxr, pyloudnorm, scipy"
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then SERVE=(--presets tiny --concurrency 1 2 --frames 5); else
+    SERVE=(--presets "$BIG" --concurrency 1 8 16 --frames 50 --torch-threads 0); fi
+if [ ! -f bench/bench_serve.py ]; then
+    say "check serve: missing (bench/bench_serve.py is not in this tree)"
+else
+    if ! "$PY" -c "$SERVE_NEEDED" 2>/dev/null && [ "$PY" != "$SYSTEM_PYTHON" ]; then
+        timeout 120 "$PY" -m pip install --no-index --find-links "$WHEELS" --no-warn-script-location \
+            fastapi uvicorn python-multipart httpx rich av soundfile soxr pyloudnorm >"$LOGS/serve_setup.log" 2>&1
+    fi
+    if MISSING=$("$PY" -c "$SERVE_NEEDED" 2>&1); then
+        run serve 180 "$PY" bench/bench_serve.py --device $DEV "${SERVE[@]}" --work "$WORK/serve"
+        if ((RC == 0)) && grep -q '^serve:' "$LOGS/serve.log"; then
+            grep '^serve:' "$LOGS/serve.log" | while read -r line; do say "check $line (${SECONDS_TAKEN}s)"; done
+        elif ((RC == 0)); then
+            say "check serve: ran but printed no 'serve:' line (see $LOGS/serve.log)"
+        else
+            say "check serve: $(why serve)"
+        fi
+    else
+        say "check serve: SKIPPED (cannot import what serve needs: $(tail -1 <<<"$MISSING" | cut -c1-150))"
+    fi
 fi
 
 # ---- 1b with activation checkpointing: what it costs (compute) and saves (memory) ---------------------------

@@ -7,7 +7,13 @@
 # What the GPU machine lacks on the training path: hydra-core + omegaconf + antlr4 (python -m csm_train),
 # webdataset + braceexpand (csm_train/data.py, data_pipeline/shards.py), deepspeed (trainer=deepspeed_*,
 # csm_train.convert --to ours) and deepspeed's small requirements (hjson, ninja, py-cpuinfo, msgpack, einops,
-# psutil, pydantic). submitit is not here: only hydra/launcher=slurm imports it, never the training path.
+# psutil, pydantic); for the serve check (python -m serve driven by bench/bench_serve.py, issue 16): fastapi +
+# starlette + annotated-doc, uvicorn + click + h11, python-multipart, httpx + httpcore + anyio + sniffio + idna +
+# certifi, rich + markdown-it-py + mdurl + pygments (the bench's table), and what serve imports through
+# data_pipeline.audio and serve.encode: av (PyAV, 36 MB: most of the directory), soundfile + cffi + pycparser, soxr,
+# pyloudnorm. Not scipy (pyloudnorm needs it; 35 MB would take the directory past the device tool's 64 MiB carry):
+# gpu_check.sh reports the serve check as skipped where the GPU machine lacks it. submitit is not here: only
+# hydra/launcher=slurm imports it, never the training path.
 # gpu_check.sh installs with pip's resolver against what is already installed there, so a package the GPU
 # machine has (numpy, pyyaml, packaging, tqdm, typing-extensions, torch) is never replaced.
 # Binary wheels are fetched for cp312 manylinux; sdists are built here: antlr4-python3-runtime 4.9.3 (no
@@ -22,6 +28,9 @@ binary=(
     hydra-core==1.3.8 omegaconf==2.3.0 webdataset==1.0.2 braceexpand==0.1.7
     hjson py-cpuinfo msgpack ninja einops psutil
     pydantic pydantic-core annotated-types typing-inspection typing-extensions
+    fastapi==0.163.2 starlette==1.10.0 annotated-doc uvicorn==0.54.0 click h11 python-multipart==0.0.34
+    httpx==0.28.1 httpcore anyio sniffio idna certifi rich markdown-it-py mdurl pygments
+    av==18.1.0 soundfile==0.14.0 cffi pycparser soxr pyloudnorm
 )
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$OUT" \
     --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
@@ -45,7 +54,7 @@ have = [p.name for p in out.glob("pydantic_core-*.whl")]
 if not any(f"pydantic_core-{want}-" in h for h in have):
     sys.exit(f"{pyd.name} needs pydantic-core=={want}, have {have}: rerun with that pin")
 for whl in sorted(out.glob("*.whl")):
-    if not re.search(r"-(py3|py2\.py3|cp312|cp3\d?-abi3|cp36-abi3)-", whl.name):
+    if not re.search(r"-(py3|py2\.py3|cp312|cp3\d*-abi3)-", whl.name):  # abi3: cp36 to cp312 (av's is cp311)
         sys.exit(f"{whl.name}: not installable on CPython 3.12")
 EOF
 du -ch "$OUT"/*.whl | tail -1
