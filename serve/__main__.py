@@ -27,6 +27,10 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s as %r on http://%s:%d (%s; voices: %s)", service.checkpoint.path, service.model_name,
              cfg.host, cfg.port, f"{len(keys)} API keys" if keys else "no API keys: loopback only",
              ", ".join(v.name for v in service.voices.list()))  # fmt: skip
+    if service.watermarker:
+        log.info("outputs are watermarked: %s", service.watermarker.describe())
+    else:
+        log.info("outputs are not watermarked (watermark.model=null)")
     # serve.access logs every request (with more than uvicorn's access log says): uvicorn's is off
     uvicorn.run(create_app(service, keys), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                 log_config=log_config, access_log=False)  # fmt: skip

@@ -9,7 +9,8 @@ codebooks). `usage.input_tokens` is the prompt's length in backbone positions (v
 turns included) and `output_tokens` the frames generated; `/speech` also reports the prompt in `x-csm-*`
 headers. `speed` other than 1.0 is refused (CSM has no speed control, and resampling would change the voice);
 `instructions` are accepted and ignored (CSM takes no style prompt: a voice and context turns steer it) and the
-response says so in `x-csm-instructions: ignored`.
+response says so in `x-csm-instructions: ignored`. With `watermark.model` set, the audio is watermarked as it
+streams (serve.watermark) and `x-csm-watermark` names the model.
 
 `voice` is a built-in voice's name (`GET /v1/audio/voices`), or an uploaded voice's id (`{"id": "voice_…"}` or
 the bare id) or name (the newest upload of that name).
@@ -154,6 +155,7 @@ async def speech(body: SpeechRequest, request: Request):
              "pruned_turns": prompt.pruned_turns, "voice_frames": prompt.voice_frames}  # fmt: skip
     headers = {f"x-csm-{k.replace('_', '-')}": str(v) for k, v in usage.items()}
     headers["x-csm-instructions"] = "ignored" if body.instructions else "none"
+    headers["x-csm-watermark"] = service.watermark_spec() or "none"
     request.state.log.update(model=body.model, voice=voice.id, chars=len(body.input), format=body.response_format,
                              stream_format=body.stream_format, conversation_id=body.conversation_id,
                              **usage)  # fmt: skip
@@ -168,11 +170,14 @@ async def _audio(service, job, encoder: Encoder, finished, state):
     that goes away cancels the stream here, which cancels the job: its generation stops at the next frame.
     Time to first audio and the real-time factor go to the metrics and the request's log line."""
     decoder = service.codec.streaming_decoder()
+    mark = service.watermarker.stream() if service.watermarker else None
     codes, metrics, first = [], service.metrics, None
     try:
         async for chunk in job.chunks(service.chunk_frames):
             codes.append(chunk)
             samples = await service.in_codec_thread(decoder.decode, chunk)
+            if mark is not None:  # the watermarked samples trail by its lookahead (~0.2 s)
+                samples = await service.in_codec_thread(mark.feed, samples)
             data = await run_in_threadpool(encoder.feed, samples)
             if data:
                 if first is None:
@@ -180,6 +185,8 @@ async def _audio(service, job, encoder: Encoder, finished, state):
                     metrics.first_audio.observe(first)
                     state.log["first_audio_s"] = round(first, 4)
                 yield data
+        if mark is not None:
+            yield await run_in_threadpool(encoder.feed, await service.in_codec_thread(mark.close))
         yield await run_in_threadpool(encoder.close)
         finished(torch.cat(codes, dim=1) if codes else torch.zeros(0, 0, dtype=torch.long))
     finally:

@@ -25,6 +25,7 @@ from serve.errors import APIError, install_handlers
 from serve.security import BodyLimit, KeyAuth
 from serve.telemetry import Metrics, Telemetry
 from serve.voices import Transcriber, VoiceStore, make_builtin_voices
+from serve.watermark import Watermarker
 
 log = logging.getLogger(__name__)
 MB = 1 << 20
@@ -51,7 +52,7 @@ class Service:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.tokenizer, cfg.codec)
-        speaker = Speaker.from_checkpoint(checkpoint, resolve_device(cfg.device))
+        speaker = Speaker.from_checkpoint(checkpoint, resolve_device(cfg.device), cfg.get("quantize"))
         self.model, self.tokenizer, self.codec = speaker.model, speaker.tokenizer, speaker.codec
         self.checkpoint, self.created = checkpoint, int(time.time())
         self.model_name, self.model_aliases = cfg.model_name, list(cfg.model_aliases)
@@ -69,6 +70,8 @@ class Service:
         make_builtin_voices(self.voices, cfg.builtin_voices, self.codec.encode)
         self.transcriber = Transcriber(cfg.asr) if cfg.asr else None
         self.conversations = Conversations(self.tokenizer, self.limit, cfg.conversation_ttl_s, cfg.max_conversations)
+        wm = cfg.watermark
+        self.watermarker = Watermarker.load(wm.model, wm.device, wm.message) if wm.model else None
         self.engine = Engine(self.model, cfg.queue_size, cfg.max_batch)
         self.metrics = Metrics(self.engine)
         # Mimi runs on one thread of its own: every request's audio is decoded by the same thread, so by the same
@@ -82,7 +85,10 @@ class Service:
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "csm-train",
                 "checkpoint": str(self.checkpoint.path), "step": self.checkpoint.step,
-                "aliases": self.model_aliases}  # fmt: skip
+                "aliases": self.model_aliases, "watermark": self.watermark_spec()}  # fmt: skip
+
+    def watermark_spec(self) -> str | None:
+        return self.watermarker.spec if self.watermarker else None
 
     def check_model(self, name: str, param: str | None = "model") -> None:
         if name not in (self.model_name, *self.model_aliases):

@@ -284,6 +284,14 @@ def serve_voice_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("voices")
 
 
+def serve_command(checkpoint: Path, voice_dir: Path, *settings: str) -> list[str]:
+    """`python -m serve` on `checkpoint` with the tests' tokenizer, codec, context and one torch thread, and
+    only the `alloy` built-in voice (a faster start)."""
+    return [sys.executable, "-m", "serve", f"checkpoint={checkpoint}", *SERVE_ARGS, f"voice_dir={voice_dir}",
+            f"context_frames={SERVE_CONTEXT_FRAMES}", "torch_threads=1",
+            "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer", *settings]  # fmt: skip
+
+
 def start_server(command: list[str], log: Path, timeout: float = 180):
     """Start `python -m serve …` and wait for /health: (process, base URL). `command` lacks the port."""
     import httpx
@@ -315,12 +323,8 @@ def serve_log(tmp_path_factory):
 def server(serve_checkpoint, serve_voice_dir, serve_log):
     """The base URL of a running server (keys on, batches of 2, one torch thread, JSON logs); its voice store is
     built (built-in voices) at its start."""
-    command = [
-        sys.executable, "-m", "serve", f"checkpoint={serve_checkpoint}", *SERVE_ARGS, f"voice_dir={serve_voice_dir}",
-        f"api_keys=[{SERVE_KEY}]", f"context_frames={SERVE_CONTEXT_FRAMES}", "max_batch=2", "queue_size=2",
-        "torch_threads=1", "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_format=json",
-        "~builtin_voices.echo", "~builtin_voices.nova", "~builtin_voices.shimmer",  # alloy only: a faster start
-    ]  # fmt: skip
+    command = serve_command(serve_checkpoint, serve_voice_dir, f"api_keys=[{SERVE_KEY}]", "max_batch=2", "queue_size=2",
+                            "limits.max_body_mb=1", "limits.max_upload_mb=0.5", "log_format=json")  # fmt: skip
     process, url = start_server(command, serve_log)
     yield url
     process.terminate()

@@ -23,7 +23,7 @@ import openai
 import pytest
 import soundfile as sf
 import torch
-from conftest import SERVE_ARGS, SERVE_CONTEXT_FRAMES, SERVE_KEY
+from conftest import SERVE_ARGS, SERVE_CONTEXT_FRAMES, SERVE_KEY, serve_command, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from csm_train import CSM
@@ -341,6 +341,36 @@ def test_no_keys_no_public_bind(serve_checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CSM_SERVE_API_KEYS"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in done.stderr + done.stdout
+
+
+def test_watermarked_server(serve_checkpoint, client, tmp_path):
+    """watermark.model marks every response: the streamed answer equals the plain server's answer (same model,
+    seed and voice) watermarked whole-clip; the detector, with random weights, refuses a verdict on it."""
+    from serve.watermark import STREAM_TOLERANCE, Watermarker
+
+    command = serve_command(serve_checkpoint, tmp_path / "voices", "watermark.model='random-init:seed=0'")
+    process, url = start_server(command, tmp_path / "server.log")
+    try:
+        marked, headers = say(openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0), "Marked.")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "outputs are watermarked: " in (tmp_path / "server.log").read_text()
+    plain, plain_headers = say(client, "Marked.")
+    assert (headers["x-csm-watermark"], plain_headers["x-csm-watermark"]) == ("random-init:seed=0", "none")
+    marked, plain = (np.frombuffer(data, "<i2") / 32768 for data in (marked, plain))
+    expected = Watermarker.load("random-init:seed=0", "cpu").apply(plain)
+    assert len(marked) == len(plain) == 5 * FRAME_SAMPLES  # the lookahead is flushed at the end
+    # random weights speak at full scale: compare where pcm16 did not clip either answer
+    unclipped = np.abs(plain) < 0.99
+    assert unclipped.mean() > 0.1  # 20 % here: ~1900 samples
+    assert np.abs(marked - expected)[unclipped].max() < STREAM_TOLERANCE + 2 / 32768  # + both answers' rounding
+    assert np.sqrt(np.mean((marked - plain)[unclipped] ** 2)) > 5e-4  # the mark is there (RMS ~1e-3)
+
+    sf.write(tmp_path / "marked.wav", marked, 24000)
+    verdict = subprocess.run([sys.executable, "-m", "serve.watermark", "--model", "random-init:seed=0", "detect",
+                              str(tmp_path / "marked.wav")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verdict.returncode == 2 and "randomly initialised" in verdict.stderr + verdict.stdout
 
 
 def test_engine_batched_equals_alone(serve_checkpoint):
