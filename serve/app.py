@@ -72,7 +72,7 @@ class Service:
         self.conversations = Conversations(self.tokenizer, self.limit, cfg.conversation_ttl_s, cfg.max_conversations)
         wm = cfg.watermark
         self.watermarker = Watermarker.load(wm.model, wm.device, wm.message) if wm.model else None
-        self.engine = Engine(self.model, cfg.queue_size, cfg.max_batch)
+        self.engine = Engine(self.model, cfg.queue_size, cfg.max_batch, cfg.prefix_cache_mb)
         self.metrics = Metrics(self.engine)
         # Mimi runs on one thread of its own: every request's audio is decoded by the same thread, so by the same
         # kernels (a thread that other libraries' calls, such as the ASR's, left with other settings could round

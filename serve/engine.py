@@ -15,22 +15,30 @@ would at 0, as left padding does in `generate_steps`), then that row is appended
 row masks the positions before its prompt. A job therefore joins once `L <= t + 1` and its frames still fit
 below `max_seq_len`; otherwise it waits (first come, first served) and the next batch starts at its length when
 the current one drains. A bounded queue answers `QueueFull` (429) beyond `queue_size` waiting jobs.
+
+Prefix caching: most prompts begin with a voice's reference turn (10 s to 3 min of audio: 125-2250 positions),
+the same for every request in that voice. A job names how many of its first frames are such a prefix;
+`PrefixCache` keeps their keys and values, computed once at positions `0..P-1`, and writes them where the job's
+prompt starts, its keys rotated there (RoPE rotates a key at position `p` by `p` angles; rotating that by `d`
+more gives the key at `p + d`, to float rounding), so only the rest of the prompt is read. Entries are found by
+the prefix's content and evicted least recently used beyond `prefix_cache_mb`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 
 from csm_train.generate import Sampling, decode_frame, sample_topk
-from csm_train.model import CSM
+from csm_train.model import CSM, apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prefix: int = 0  # the prompt's first frames that PrefixCache may reuse (a voice's turn)
     ended: str | None = None  # eos | max_frames | time_limit | cancelled | error
     frames: int = 0
     generator: torch.Generator | None = None
@@ -76,8 +85,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: CSM, queue_size: int, max_batch: int):
+    def __init__(self, model: CSM, queue_size: int, max_batch: int, prefix_cache_mb: float = 0):
         self.model, self.queue_size, self.max_batch = model, queue_size, max_batch
+        self.prefixes = PrefixCache(model, int(prefix_cache_mb * 2**20))
         self.device = model.codebook0_head.weight.device
         self.limit = model.config.backbone.max_seq_len
         self._waiting: deque[Job] = deque()
@@ -89,10 +99,14 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: tuple[torch.Tensor, torch.Tensor], sampling: Sampling, max_seconds: float) -> Job:
+    def submit(
+        self, prompt: tuple[torch.Tensor, torch.Tensor], sampling: Sampling, max_seconds: float, prefix: int = 0
+    ) -> Job:
         if len(prompt[0]) + sampling.max_frames > self.limit:  # it could never join: refuse it, not the queue
             raise ValueError(f"a prompt of {len(prompt[0])} frames plus {sampling.max_frames} exceeds {self.limit}")
-        job = Job(prompt, sampling, max_seconds, asyncio.get_running_loop())
+        if not 0 <= prefix < len(prompt[0]):
+            raise ValueError(f"prefix={prefix}: a prompt of {len(prompt[0])} frames needs a frame after its prefix")
+        job = Job(prompt, sampling, max_seconds, asyncio.get_running_loop(), prefix=prefix)
         with self._wake:
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting: try again shortly")
@@ -105,7 +119,7 @@ class Engine:
         jobs = {k: v for k, v in counts.items() if not k.startswith("steps")}
         return {"queued": len(self._waiting), "running": len(self.rows), "peak_batch": self.peak_rows,
                 "steps": counts.get("steps", 0), "batched_steps": counts.get("steps_batched", 0),
-                "rows": counts.get("steps_rows", 0), "jobs": jobs}  # fmt: skip
+                "rows": counts.get("steps_rows", 0), "jobs": jobs, "prefix_cache": self.prefixes.stats()}  # fmt: skip
 
     def close(self) -> None:
         """Stop once the running and waiting jobs are done."""
@@ -200,13 +214,14 @@ class Engine:
         caches and return the prompt's last backbone state."""
         backbone = self.model.backbone
         tokens, mask = (x.to(self.device)[None] for x in job.prompt)
-        length = tokens.shape[1]
+        start = t - tokens.shape[1] + 1
         batch = [layer.attn.kv_cache for layer in backbone.layers]
         dtype = self.model.codebook0_head.weight.dtype
         backbone.setup_caches(1, self.limit, dtype, self.device)
-        positions = torch.arange(t - length + 1, t + 1, device=self.device)[None]
-        keys = (torch.arange(self.limit, device=self.device) > t - length)[None, None, None]
-        h = backbone(self.model.embed_frames(tokens, mask), input_pos=positions, mask=keys)[:, -1]
+        read = job.prefix if self.prefixes.place(tokens[:, : job.prefix], mask[:, : job.prefix], start) else 0
+        positions = torch.arange(start + read, t + 1, device=self.device)[None]
+        keys = (torch.arange(self.limit, device=self.device) >= start)[None, None, None]
+        h = backbone(self.model.embed_frames(tokens[:, read:], mask[:, read:]), input_pos=positions, mask=keys)[:, -1]
         for layer, cache in zip(backbone.layers, batch, strict=True):
             if cache is not None:  # the batch's rows, then this one
                 new = layer.attn.kv_cache
@@ -239,6 +254,55 @@ class Engine:
         job.ended = reason
         self.counts[reason] += 1
         job._send(error if error is not None else None)
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes, by content (see the module's docstring), within `max_bytes`."""
+
+    def __init__(self, model: CSM, max_bytes: int):
+        self.model, self.max_bytes = model, max_bytes
+        self.entries: OrderedDict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
+
+    def place(self, tokens: torch.Tensor, mask: torch.Tensor, start: int) -> bool:
+        """Write the keys and values of the prefix `tokens, mask [1, P, K+1]` at positions `start..start+P-1` of
+        the backbone's one-row caches (set up by the caller). False: nothing written (no prefix, or caching off)."""
+        if not self.max_bytes or not tokens.shape[1]:
+            return False
+        backbone, length = self.model.backbone, tokens.shape[1]
+        key = hashlib.sha256(tokens.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()).digest()
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            backbone(self.model.embed_frames(tokens, mask), input_pos=torch.arange(length, device=tokens.device)[None])
+            entry = [(layer.attn.kv_cache.k[:, :, :length].clone(), layer.attn.kv_cache.v[:, :, :length].clone())
+                     for layer in backbone.layers]  # fmt: skip
+            self._store(key, entry)
+            if start == 0:
+                return True  # computed where it belongs
+        else:
+            self.hits += 1
+            self.entries.move_to_end(key)
+        angles = start * backbone.rope_freqs.float()
+        rotation = torch.polar(torch.ones_like(angles), angles)  # by `start` positions, as Transformer.forward
+        for layer, (k, v) in zip(backbone.layers, entry, strict=True):
+            cache = layer.attn.kv_cache
+            cache.k[:, :, start : start + length] = apply_rope(k, rotation)
+            cache.v[:, :, start : start + length] = v
+        return True
+
+    def _store(self, key: bytes, entry: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in entry)
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= sum(k.nbytes + v.nbytes for k, v in evicted)
+        self.entries[key] = entry
+        self.bytes += size
 
 
 def decode_frame_per_job(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:

@@ -15,7 +15,8 @@ Metrics (names as Prometheus writes them; a private registry, so two apps in one
   arrival to its last frame), `csm_audio_seconds_total`: per speech request;
 - from the engine at scrape time: `csm_queue_depth`, `csm_running_requests`, `csm_engine_steps_total`,
   `csm_engine_batched_steps_total` (steps shared by more than one request), `csm_engine_step_rows_total`
-  (rows over all steps: divided by steps, the mean batch) and `csm_engine_jobs_total{ended}`.
+  (rows over all steps: divided by steps, the mean batch), `csm_engine_jobs_total{ended}`, and the voice prefix
+  cache's `csm_prefix_cache_hits_total`, `csm_prefix_cache_misses_total`, `csm_prefix_cache_bytes`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class EngineCollector:
             ("csm_engine_step_rows", "rows", "Requests over all frame steps (divide by steps: the mean batch)"),
         ):
             yield CounterMetricFamily(name, doc, value=stats[key])
+        prefixes = stats["prefix_cache"]
+        yield CounterMetricFamily("csm_prefix_cache_hits", "Prompts whose voice turn was read from the cache",
+                                  value=prefixes["hits"])  # fmt: skip
+        yield CounterMetricFamily("csm_prefix_cache_misses", "Voice turns read and cached", value=prefixes["misses"])
+        yield GaugeMetricFamily("csm_prefix_cache_bytes", "Memory of the cached keys/values", value=prefixes["bytes"])
         jobs = CounterMetricFamily("csm_engine_jobs", "Generations by how they ended", labels=["ended"])
         for ended, count in sorted(stats["jobs"].items()):
             jobs.add_metric([ended], count)

@@ -276,6 +276,7 @@ def test_metrics_and_request_log(server, serve_log, client):
     assert grew("csm_time_to_first_audio_seconds_count") == 1 and grew("csm_real_time_factor_count") == 1
     assert grew("csm_audio_seconds_total") == pytest.approx(0.4)  # 5 frames of 80 ms
     assert grew("csm_engine_step_rows_total") >= grew("csm_engine_steps_total") >= 5
+    assert grew("csm_prefix_cache_hits_total") + grew("csm_prefix_cache_misses_total") == 1  # alloy's turn
     assert after[("csm_queue_depth", ())] == 0 and after[("csm_running_requests", ())] == 0
 
     request_id = headers["x-request-id"]
@@ -413,6 +414,50 @@ def test_engine_batched_equals_alone(serve_checkpoint):
     for codes, want in zip(got, expected, strict=True):
         assert torch.equal(codes, want)
     assert stats["batched_steps"] > 0 and stats["peak_batch"] >= 2
+
+
+def test_engine_prefix_cache_equals_reading_the_whole_prompt(serve_checkpoint):
+    """A voice turn read once and placed, keys rotated, where later prompts start: the same codes as each prompt
+    generated alone without any cache (one miss at position 0, one miss placed mid-batch, one hit)."""
+    import asyncio
+
+    from csm_train.generate import Sampling, generate, prompt_frames
+    from csm_train.layout import Segment, segment_frames
+    from serve.engine import Engine
+
+    model = CSM.from_pretrained(serve_checkpoint).eval()
+    tokenizer, g = ByteTokenizer(), torch.Generator().manual_seed(1)
+    voice = Segment(0, "A voice of mine.", torch.randint(0, 2048, (32, 20), generator=g))
+    other = Segment(1, "Someone else, at length.", torch.randint(0, 2048, (32, 60), generator=g))
+    prefix = len(segment_frames(voice, tokenizer, 32))
+    first = prompt_frames(tokenizer, 32, "Hello.", 0, [other])  # no prefix; 88 frames: the batch runs from t=87
+    voiced = [prompt_frames(tokenizer, 32, text, 0, [voice]) for text in ("Hi there.", "Good to see you.")]
+    samplings = [Sampling(max_frames=12, seed=5), Sampling(max_frames=6, seed=6), Sampling(max_frames=6, seed=7)]
+
+    async def run():
+        alone = [generate(model, [p], s).codes[0] for p, s in zip([first, *voiced], samplings, strict=True)]
+        engine = Engine(model, queue_size=4, max_batch=4, prefix_cache_mb=64)
+        jobs = [engine.submit(first, samplings[0], 60)]
+        head = [chunk async for chunk in _take(jobs[0], 2)]
+        jobs.append(engine.submit(voiced[0], samplings[1], 60, prefix))  # a miss: read at 0, moved to t-L+1
+        body = [chunk async for chunk in _take(jobs[1], 2)]
+        jobs.append(engine.submit(voiced[1], samplings[2], 60, prefix))  # a hit, placed at another start
+        out = [torch.cat(head + [c async for c in jobs[0].chunks(100)], dim=1),
+               torch.cat(body + [c async for c in jobs[1].chunks(100)], dim=1),
+               torch.cat([c async for c in jobs[2].chunks(100)], dim=1)]  # fmt: skip
+        engine.close()
+        return alone, out, engine.stats()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone, got, stats = asyncio.run(run())
+    finally:
+        torch.set_num_threads(threads)
+    for codes, want in zip(got, alone, strict=True):
+        assert torch.equal(codes, want)
+    assert stats["prefix_cache"]["hits"] == 1 and stats["prefix_cache"]["misses"] == 1
+    assert stats["prefix_cache"]["bytes"] > 0 and stats["peak_batch"] == 3
 
 
 async def _take(job, n):
