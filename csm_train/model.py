@@ -233,7 +233,9 @@ class Attention(nn.Module):
                 raise ValueError("a model with KV caches needs input_pos: the positions being decoded")
             if isinstance(mask, BlockMask):
                 raise ValueError("KV-cache decoding takes a dense bool mask, not a FlexAttention BlockMask")
-            end = int(input_pos.max()) + 1
+            # Eager: keys up to the last position written (a host sync, no wasted work). Compiled: the whole
+            # static cache, later positions masked, so shapes never change and nothing waits for the device.
+            end = self.kv_cache.k.shape[2] if torch.compiler.is_compiling() else int(input_pos.max()) + 1
             k, v = self.kv_cache.update(input_pos[0], k, v, end)
             # A query at position p sees cached keys 0..p (causal over the whole cache).
             causal = torch.arange(end, device=x.device) <= input_pos[:, :, None]  # [B, T, end]
