@@ -10,10 +10,15 @@ Generation stops at an all-zero frame (end of audio, as trained) or after `max_f
 Prompts of different lengths are left-padded to one batch: RoPE scores depend only on the distance between
 positions, so a row shifted right by its padding attends exactly as it would alone, with the pad keys
 masked.
+
+`compile_decoding(model)` makes every frame step after the prompt run `torch.compile`d (CUDA graphs on a GPU):
+see `FrameSteps`.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -107,11 +112,13 @@ def generate_steps(
     mask = keys | pad_queries[:, None, :, None]
     positions = torch.arange(T, device=device).expand(B, T)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = frame_steps(model)
     model.setup_caches(B)
     try:
-        for _ in range(max_frames):
+        for n in range(max_frames):
             with torch.inference_mode():
-                h = model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
+                # The prompt (its length varies) always eagerly; each later frame, one position, by `steps`.
+                h = (steps.backbone if n else backbone_step)(model, tokens, tokens_mask, positions, mask)
                 frame, c0_logits, decoder_logits = decode_frame(model, h, sample)
             yield Step(frame, c0_logits, decoder_logits)
             done |= (frame == 0).all(dim=-1)
@@ -172,18 +179,123 @@ def decode_frame(
     """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
     from the depth decoder, each fed back as its next input. `sample` turns logits over the real codes
     `[B, MIMI_CODES]` into codes `[B]` (a server samples each row with its own request's settings). Returns the
-    frame `[B, K]` and the c0 and depth-decoder logits."""
-    K = model.config.num_codebooks
+    frame `[B, K]` and the c0 and depth-decoder logits. The decoder's steps are compiled after
+    `compile_decoding(model)`; sampling always runs eagerly, between them."""
+    K, steps = model.config.num_codebooks, frame_steps(model)
+    h = h.clone(memory_format=torch.contiguous_format)  # `[:, -1]` of one row keeps odd strides: a recompile
     c0_logits = model.codebook0_head(h)
     code = sample(c0_logits[:, :MIMI_CODES])
-    codes, logits = [code], []
-    x = model.projection(torch.stack([h, model.embed_audio(0, code)], dim=1))  # [B, 2, D_decoder]
-    positions = torch.arange(2, device=h.device).expand(len(h), 2)
+    codes, logits = [code], [steps.decoder_start(model, h, code)]
+    positions = torch.ones(len(h), 1, dtype=torch.long, device=h.device)
     for i in range(1, K):
-        y = model.decoder(x, input_pos=positions)[:, -1]
-        logits.append(y @ model.audio_head[i - 1])
         code = sample(logits[-1][:, :MIMI_CODES])
         codes.append(code)
-        x = model.projection(model.embed_audio(i, code))[:, None]
-        positions = positions[:, -1:] + 1
+        if i < K - 1:
+            positions = positions + 1
+            offset, head = model.codebook_offsets[i : i + 1], model.audio_head[i]  # views: tensors, not ints
+            logits.append(steps.decoder_next(model, code, positions, offset, head))
     return torch.stack(codes, dim=-1), c0_logits, torch.stack(logits, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The frame step's pieces, as functions of tensors only (positions and codebook indices included, never Python
+# ints), so that compiled, one graph of each serves every frame and codebook.
+
+
+def backbone_step(
+    model: CSM, tokens: torch.Tensor, tokens_mask: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The backbone over `tokens, tokens_mask [B, T, K+1]` at `positions [B, T]` through its KV cache: the last
+    state `[B, D]`."""
+    return model.backbone(model.embed_frames(tokens, tokens_mask), input_pos=positions, mask=mask)[:, -1]
+
+
+def decoder_start(model: CSM, h: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """The depth decoder's first step: positions 0 and 1 (`h [B, D]` and the embedding of codebook 0's
+    `c0 [B]`) into its one-frame cache (positions restart at 0 each frame); codebook 1's logits `[B, V]`."""
+    x = model.projection(torch.stack([h, model.embed_audio(0, c0)], dim=1))  # [B, 2, D_decoder]
+    positions = torch.arange(2, device=h.device).expand(len(h), 2)
+    return model.decoder(x, input_pos=positions)[:, -1] @ model.audio_head[0]
+
+
+def decoder_next(
+    model: CSM, code: torch.Tensor, positions: torch.Tensor, offset: torch.Tensor, head: torch.Tensor
+) -> torch.Tensor:
+    """A later step: `code [B]` of the codebook whose rows of the audio table start at `offset [1]`, at decoder
+    `positions [B, 1]`; the next codebook's logits `[B, V]` through its `head [D_decoder, V]` (of `audio_head`)."""
+    x = model.projection(model.audio_embeddings(code + offset))[:, None]  # [B, 1, D_decoder]
+    return model.decoder(x, input_pos=positions)[:, -1] @ head
+
+
+@dataclass(frozen=True)
+class FrameSteps:
+    """The functions a frame step runs: `backbone_step`, `decoder_start`, `decoder_next`, eager or compiled.
+
+    Compiled (`compile_decoding`), each has static shapes: one new frame of a fixed batch, the KV caches
+    attended whole (`Attention`: later positions masked, no slice at a host-read position), positions and the
+    codebook as tensors. So the depth decoder's 30 later steps of every frame replay one graph (its first step,
+    which reads two positions, is another), and generating any number of frames compiles 3 graphs at a batch
+    size; another batch size compiles 3 more. The prompt's step stays eager (its length varies), and so does
+    sampling, between the steps: `torch.multinomial` with a seeded `torch.Generator` does not trace, and eager it
+    draws the same numbers as without compile, so a seed gives the same codes (up to the compiled kernels'
+    rounding, which could flip a near-tie: exactly equal in fp32 on CPU in tests/test_compile.py)."""
+
+    backbone: Callable[..., torch.Tensor] = backbone_step
+    decoder_start: Callable[..., torch.Tensor] = decoder_start
+    decoder_next: Callable[..., torch.Tensor] = decoder_next
+
+
+EAGER = FrameSteps()
+
+
+def frame_steps(model: CSM) -> FrameSteps:
+    return getattr(model, "_frame_steps", EAGER)
+
+
+def compile_decoding(model: CSM, enabled: bool = True, mode: str | None = None) -> bool:
+    """Run `model`'s frame steps compiled from now on, wherever it decodes (`generate`, `generate_steps`,
+    `stream`, `decode_frame`, the server); `enabled=False` goes back to eager. `mode`: torch.compile's, by
+    default "reduce-overhead" (CUDA graphs) on CUDA and the default elsewhere. Compiling happens at each step's
+    first call (seconds to a minute), again for each new batch size: the static KV caches fix it (a caller whose
+    batch varies pads it to its largest).
+
+    Where compile is unavailable (torch.compile raises: no C++ compiler, an unsupported platform, an error while
+    compiling), decoding falls back to eager with one warning. Returns whether decoding is now compiled."""
+    if not enabled:
+        vars(model).pop("_frame_steps", None)
+        return False
+    if mode is None:
+        mode = "reduce-overhead" if model.codebook0_head.weight.is_cuda else "default"
+    try:
+        compiled = {
+            name: _fallible(torch.compile(fn, fullgraph=True, dynamic=False, mode=mode), fn, model, mode)
+            for name, fn in vars(EAGER).items()
+        }
+    except Exception as error:  # torch.compile itself refused (e.g. an unsupported Python or platform)
+        warnings.warn(f"torch.compile is unavailable ({error!r}): decoding eagerly", stacklevel=2)
+        return False
+    model._frame_steps = FrameSteps(**compiled)
+    return True
+
+
+def _fallible(compiled: Callable, eager: Callable, model: CSM, mode: str) -> Callable:
+    """`compiled`, falling back for good to `eager` (all steps, with one warning) if compiling it fails. A
+    failed compile runs nothing, so the step is simply run again eagerly (an error of the step itself then
+    raises there). With CUDA graphs, the outputs are cloned: the next replay overwrites the graph's own."""
+    cuda_graphs = mode == "reduce-overhead"
+
+    @functools.wraps(eager)
+    def step(*args):
+        if frame_steps(model) is EAGER:  # another step has failed meanwhile
+            return eager(*args)
+        try:
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(*args)
+        except Exception as error:
+            warnings.warn(f"compiling the frame step failed ({error!r:.500}): decoding eagerly", stacklevel=2)
+            compile_decoding(model, enabled=False)
+            return eager(*args)
+        return out.clone() if cuda_graphs else out
+
+    return step

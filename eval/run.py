@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from csm_train.generate import compile_decoding
 from data_pipeline.device import resolve_device
 from eval.report import numbers, write_report
 from eval.speaker import Speaker, resolve_checkpoint
@@ -52,6 +53,8 @@ def evaluate(cfg: DictConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint, tokenizer_cfg, cfg.codec)
     device = resolve_device(cfg.device)
     speaker = Speaker.from_checkpoint(checkpoint, device, **OmegaConf.to_container(cfg.speaker, resolve=True))
+    if cfg.get("compile"):
+        compile_decoding(speaker.model)  # eager, with a warning, where compile is unavailable
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(checkpoint)
     suites = {name: hydra.utils.instantiate(suite) for name, suite in cfg.suite.items()}
     log.info("evaluating %s (step %s) on %s → %s", checkpoint.path, checkpoint.step, ", ".join(suites), out_dir)
