@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from csm_train.layout import Segment, conversation_frames
-from csm_train.model import CSM
+from csm_train.model import CSM, KVCache, Transformer
 from csm_train.tokenizer import TextTokenizer
 
 # Mimi's codebook size. The model's audio vocabulary has 3 more ids (reserved, as in Sesame's 2051), which no
@@ -114,6 +114,7 @@ def generate_steps(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = frame_steps(model)
     model.setup_caches(B)
+    steps.keep_caches(model.backbone)
     try:
         for n in range(max_frames):
             with torch.inference_mode():
@@ -183,6 +184,7 @@ def decode_frame(
     `compile_decoding(model)`; sampling always runs eagerly, between them."""
     K, steps = model.config.num_codebooks, frame_steps(model)
     h = h.clone(memory_format=torch.contiguous_format)  # `[:, -1]` of one row keeps odd strides: a recompile
+    steps.keep_caches(model.decoder)
     c0_logits = model.codebook0_head(h)
     code = sample(c0_logits[:, :MIMI_CODES])
     codes, logits = [code], [steps.decoder_start(model, h, code)]
@@ -243,9 +245,23 @@ class FrameSteps:
     backbone: Callable[..., torch.Tensor] = backbone_step
     decoder_start: Callable[..., torch.Tensor] = decoder_start
     decoder_next: Callable[..., torch.Tensor] = decoder_next
+    kept: dict | None = None  # compiled: the KV caches' tensors by (transformer, layer, shape, dtype, device)
+
+    def keep_caches(self, transformer: Transformer) -> None:
+        """Compiled, give `transformer`'s KV caches the tensors its caches of the same shape had before. Module
+        tensors are static inputs of a compiled graph: with CUDA graphs, new cache tensors (each `generate`;
+        each server step, which sets up the decoder's anew) would make every graph record again. Stale entries
+        are masked like any not yet written (finite, as left by the last generation)."""
+        if self.kept is None:
+            return
+        for name, cache in transformer.named_modules():
+            if isinstance(cache, KVCache):
+                key = (id(transformer), name, cache.k.shape, cache.k.dtype, cache.k.device)
+                cache.k, cache.v = self.kept.setdefault(key, (cache.k, cache.v))
 
 
 EAGER = FrameSteps()
+STEPS = ("backbone", "decoder_start", "decoder_next")
 
 
 def frame_steps(model: CSM) -> FrameSteps:
@@ -267,14 +283,15 @@ def compile_decoding(model: CSM, enabled: bool = True, mode: str | None = None) 
     if mode is None:
         mode = "reduce-overhead" if model.codebook0_head.weight.is_cuda else "default"
     try:
-        compiled = {
-            name: _fallible(torch.compile(fn, fullgraph=True, dynamic=False, mode=mode), fn, model, mode)
-            for name, fn in vars(EAGER).items()
-        }
+        compiled = {}
+        for name in STEPS:
+            eager = getattr(EAGER, name)
+            graph = torch.compile(eager, fullgraph=True, dynamic=False, mode=mode)
+            compiled[name] = _fallible(graph, eager, model, mode)
     except Exception as error:  # torch.compile itself refused (e.g. an unsupported Python or platform)
         warnings.warn(f"torch.compile is unavailable ({error!r}): decoding eagerly", stacklevel=2)
         return False
-    model._frame_steps = FrameSteps(**compiled)
+    model._frame_steps = FrameSteps(**compiled, kept={})
     return True
 
 

@@ -57,8 +57,10 @@ def test_compiled_decoding_gives_eager_codes_with_a_bounded_number_of_graphs(mod
         assert a.shape == (K, 20) and torch.equal(a, b)
     torch.testing.assert_close(compiled.decoder_logits, eager.decoder_logits, rtol=1e-4, atol=1e-5)
 
-    # New caches, greedy sampling: the same graphs (sampling stays outside them).
+    # Another call (caches set up anew), greedy: the same graphs (sampling stays outside them).
     assert all(torch.equal(a, b) for a, b in zip(eager_greedy.codes, generate(model, batch, greedy).codes, strict=True))
+    # The caches' tensors are kept across calls (static inputs of a CUDA graph): one pair per layer and shape.
+    assert len(frame_steps(model).kept) == model.config.backbone.num_layers + model.config.decoder.num_layers
     # The server's way: decode_frame on caches it sets up itself each step, a row sampled by its own generator.
     h = torch.randn(2, model.config.backbone.dim)
     frames = []
