@@ -433,15 +433,25 @@ class CSM(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> CSM:
+    def from_pretrained(
+        cls, path: str | Path, quantize: str | None = None, group_size: int | None = None, **overrides
+    ) -> CSM:
         """Load our checkpoint, Sesame's format (`ckpt.pt` / `model.safetensors`, with or without its
-        `config.json`), or a transformers `CsmForConditionalGeneration` directory."""
+        `config.json`), or a transformers `CsmForConditionalGeneration` directory. `quantize="int8" | "int4"`
+        makes the backbone's and decoder's linear layers weight-only quantized for CPU inference
+        (csm_train/quantize.py; int4 in groups of `group_size` inputs, default 32)."""
         from csm_train.checkpoint import load_checkpoint
 
         config, state_dict = load_checkpoint(path)
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        return cls.from_state_dict(config, state_dict)
+        model = cls.from_state_dict(config, state_dict)
+        if quantize is not None:
+            from csm_train.quantize import DEFAULT_GROUP_SIZE
+            from csm_train.quantize import quantize as quantize_model
+
+            quantize_model(model, quantize, group_size or DEFAULT_GROUP_SIZE)
+        return model
 
     @classmethod
     def from_state_dict(cls, config: CSMConfig, state_dict: dict[str, torch.Tensor]) -> CSM:
@@ -458,6 +468,10 @@ class CSM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         from csm_train.checkpoint import save_checkpoint
+        from csm_train.quantize import is_quantized
+
+        if is_quantized(self):
+            raise ValueError("a quantized model is not saved: save the unquantized one, quantize when loading")
 
         save_checkpoint(self, directory)
 

@@ -52,7 +52,9 @@ def evaluate(cfg: DictConfig) -> Path:
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True) if cfg.tokenizer else None
     checkpoint = resolve_checkpoint(cfg.checkpoint, tokenizer_cfg, cfg.codec)
     device = resolve_device(cfg.device)
-    speaker = Speaker.from_checkpoint(checkpoint, device, **OmegaConf.to_container(cfg.speaker, resolve=True))
+    speaker = Speaker.from_checkpoint(
+        checkpoint, device, cfg.get("quantize"), **OmegaConf.to_container(cfg.speaker, resolve=True)
+    )
     if cfg.get("compile"):
         compile_decoding(speaker.model)  # eager, with a warning, where compile is unavailable
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(checkpoint)

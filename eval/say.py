@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized model (CPU only)")
     args = parser.parse_args()
     if bool(args.context) != bool(args.context_text):
         parser.error("--context and --context-text go together: the model reads the clip's words with its audio")
@@ -44,7 +45,9 @@ def main() -> None:
     checkpoint = resolve_checkpoint(args.checkpoint, tokenizer, args.codec)
     device = resolve_device(args.device)
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
-    speaker = Speaker.from_checkpoint(checkpoint, device, max_seconds=args.max_seconds, sampling=sampling)
+    speaker = Speaker.from_checkpoint(
+        checkpoint, device, args.quantize, max_seconds=args.max_seconds, sampling=sampling
+    )
     turns = []
     if args.context:
         (codes,) = speaker.encode([load_audio(args.context, target_lufs=None)])

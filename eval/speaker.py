@@ -90,9 +90,10 @@ def resolve_checkpoint(path: str | Path, tokenizer: dict | None = None, codec: s
     return Checkpoint(path, step, run_dir, dict(tokenizer), codec)
 
 
-def load_model(path: Path) -> CSM:
-    """Our model in fp32 from a training checkpoint (Lightning / DeepSpeed) or an exported one (any format)."""
-    return CSM.from_pretrained(path).float().eval()
+def load_model(path: Path, quantize: str | None = None) -> CSM:
+    """Our model in fp32 from a training checkpoint (Lightning / DeepSpeed) or an exported one (any format);
+    `quantize` ("int8" | "int4"): its backbone and decoder weight-only quantized (CPU, csm_train/quantize.py)."""
+    return CSM.from_pretrained(path, quantize=quantize).float().eval()
 
 
 SEEDED = Sampling(seed=0)  # evaluations are reproducible
@@ -121,11 +122,13 @@ class Speaker:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, device: str, **settings) -> Speaker:
-        """The checkpoint's model, text tokenizer and codec, on `device`."""
+    def from_checkpoint(cls, checkpoint: Checkpoint, device: str, quantize: str | None = None, **settings) -> Speaker:
+        """The checkpoint's model (`quantize`: int8 | int4 weights, CPU only), text tokenizer and codec, on `device`."""
         import hydra
 
-        model = load_model(checkpoint.path).to(device)
+        if quantize and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize={quantize} runs on CPU kernels; device is {device}")
+        model = load_model(checkpoint.path, quantize).to(device)
         return cls(
             model,
             hydra.utils.instantiate(checkpoint.tokenizer),
