@@ -53,15 +53,36 @@ class Generated:
     decoder_logits: torch.Tensor  # [B, steps, K-1, audio_vocab], each step's codebook 1..K-1 logits
 
 
-def sample_topk(logits: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None) -> torch.Tensor:
-    """`logits [B, V]` → `[B]`: sample among the `topk` most likely after dividing by `temperature`;
-    temperature 0 takes the argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    kth = logits.topk(min(topk, logits.shape[-1]), dim=-1).values[:, -1:]
-    probs = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def sample_topk(
+    logits: torch.Tensor, temperature: float | torch.Tensor, topk: int | torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """`logits [B, V]` → codes `[B]`: each row drawn among its `topk` most likely codes after dividing by its
+    `temperature` (0: the argmax); both a number, or one per row `[B]`. The draw inverts the row's cumulative
+    distribution at `uniform [B]` (numbers in [0, 1), one per row), so a row's code depends only on its own
+    logits, settings and number: the same alone as in any batch (the server batches requests, each with its seed),
+    with one vectorised draw for the whole batch where `torch.multinomial` would take a generator per row."""
+    B, V = logits.shape
+    temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(B)
+    greedy = logits.argmax(dim=-1)
+    if not temperature.any():
+        return greedy
+    topk = torch.as_tensor(topk, device=logits.device).clamp(max=V).expand(B)
+    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    kth = scaled.topk(int(topk.max()), dim=-1).values.gather(1, topk[:, None] - 1)
+    cdf = scaled.masked_fill(scaled < kth, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, uniform.float()[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def frame_uniforms(num_codebooks: int, generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """`[B, K]`: the numbers one frame's `sample_topk` calls use, drawn per row from its own generator (None:
+    torch's global one), K at a time: a row's draws never depend on the other rows."""
+    return torch.stack([torch.rand(num_codebooks, generator=g, device=device) for g in generators])
+
+
+def frame_sampler(temperature, topk, uniforms: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`decode_frame`'s `sample` for one frame: each row's codebook `i` drawn with its number `uniforms[:, i]`."""
+    return lambda logits, codebook: sample_topk(logits, temperature, topk, uniforms[:, codebook])
 
 
 def prompt_frames(
@@ -93,10 +114,9 @@ def generate_steps(
             f"Inputs too long: a prompt of {T} frames plus max_frames={max_frames} exceeds the backbone's "
             f"max_seq_len={limit}. Drop context turns or lower max_frames."
         )
-    generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
-
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        return sample_topk(logits, sampling.temperature, sampling.topk, generator)
+    # One generator for the batch, the rows drawing K numbers each per frame in turn: a prompt alone draws as a
+    # server's job with the same seed does, batched or not (serve/engine.py).
+    generators = [None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)] * B
 
     tokens = torch.zeros(B, T, K + 1, dtype=torch.long, device=device)
     tokens_mask = torch.zeros(B, T, K + 1, dtype=torch.bool, device=device)
@@ -120,6 +140,7 @@ def generate_steps(
             with torch.inference_mode():
                 # The prompt (its length varies) always eagerly; each later frame, one position, by `steps`.
                 h = (steps.backbone if n else backbone_step)(model, tokens, tokens_mask, positions, mask)
+                sample = frame_sampler(sampling.temperature, sampling.topk, frame_uniforms(K, generators, device))
                 frame, c0_logits, decoder_logits = decode_frame(model, h, sample)
             yield Step(frame, c0_logits, decoder_logits)
             done |= (frame == 0).all(dim=-1)
@@ -175,22 +196,22 @@ def stream(
 
 
 def decode_frame(
-    model: CSM, h: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]
+    model: CSM, h: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
-    from the depth decoder, each fed back as its next input. `sample` turns logits over the real codes
-    `[B, MIMI_CODES]` into codes `[B]` (a server samples each row with its own request's settings). Returns the
-    frame `[B, K]` and the c0 and depth-decoder logits. The decoder's steps are compiled after
+    from the depth decoder, each fed back as its next input. `sample(logits, codebook)` turns logits over the
+    real codes `[B, MIMI_CODES]` into codes `[B]` (`frame_sampler`). Returns the frame `[B, K]` and the c0 and
+    depth-decoder logits. The decoder's steps are compiled after
     `compile_decoding(model)`; sampling always runs eagerly, between them."""
     K, steps = model.config.num_codebooks, frame_steps(model)
     h = h.clone(memory_format=torch.contiguous_format)  # `[:, -1]` of one row keeps odd strides: a recompile
     steps.keep_caches(model.decoder)
     c0_logits = model.codebook0_head(h)
-    code = sample(c0_logits[:, :MIMI_CODES])
+    code = sample(c0_logits[:, :MIMI_CODES], 0)
     codes, logits = [code], [steps.decoder_start(model, h, code)]
     positions = torch.ones(len(h), 1, dtype=torch.long, device=h.device)
     for i in range(1, K):
-        code = sample(logits[-1][:, :MIMI_CODES])
+        code = sample(logits[-1][:, :MIMI_CODES], i)
         codes.append(code)
         if i < K - 1:
             positions = positions + 1
@@ -238,8 +259,8 @@ class FrameSteps:
     codebook as tensors. So the depth decoder's 30 later steps of every frame replay one graph (its first step,
     which reads two positions, is another), and generating any number of frames compiles 3 graphs at a batch
     size; another batch size compiles 3 more. The prompt's step stays eager (its length varies), and so does
-    sampling, between the steps: `torch.multinomial` with a seeded `torch.Generator` does not trace, and eager it
-    draws the same numbers as without compile, so a seed gives the same codes (up to the compiled kernels'
+    sampling, between the steps: a seeded `torch.Generator` does not trace, and eager it draws the same numbers as
+    without compile, so a seed gives the same codes (up to the compiled kernels'
     rounding, which could flip a near-tie: exactly equal in fp32 on CPU in tests/test_compile.py)."""
 
     backbone: Callable[..., torch.Tensor] = backbone_step

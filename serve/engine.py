@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csm_train.generate import Sampling, decode_frame, sample_topk
+from csm_train.generate import Sampling, decode_frame, frame_sampler, frame_uniforms
 from csm_train.model import CSM, apply_rope
 
 log = logging.getLogger(__name__)
@@ -306,14 +306,11 @@ class PrefixCache:
 
 
 def decode_frame_per_job(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-    """`csm_train.generate.decode_frame` with each row sampled by its own job's settings and generator: the
-    frame `[B, K]`. The depth decoder's cache is set up for this step's batch, which changes as jobs come and go."""
+    """`csm_train.generate.decode_frame` with each row sampled by its own job's settings and generator (one
+    vectorised draw for the batch: `sample_topk`): the frame `[B, K]`. The depth decoder's cache is set up for
+    this step's batch, which changes as jobs come and go."""
     model.decoder.setup_caches(len(h), model.config.num_codebooks, h.dtype, h.device)
-
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            sample_topk(logits[row : row + 1], job.sampling.temperature, job.sampling.topk, job.generator)
-            for row, job in enumerate(jobs)
-        ])  # fmt: skip
-
-    return decode_frame(model, h, sample)[0]
+    uniforms = frame_uniforms(model.config.num_codebooks, [job.generator for job in jobs], h.device)
+    temperature = torch.tensor([job.sampling.temperature for job in jobs], device=h.device)
+    topk = torch.tensor([job.sampling.topk for job in jobs], device=h.device)
+    return decode_frame(model, h, frame_sampler(temperature, topk, uniforms))[0]

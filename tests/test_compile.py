@@ -69,7 +69,7 @@ def test_compiled_decoding_gives_eager_codes_with_a_bounded_number_of_graphs(mod
         model.decoder.setup_caches(2, K, h.dtype, h.device)
         generator = torch.Generator().manual_seed(3)
 
-        def sample(logits, generator=generator):
+        def sample(logits, codebook, generator=generator):
             return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
         with torch.inference_mode():

@@ -67,15 +67,31 @@ def test_sampling_is_reproducible_from_a_seed(model):
 def test_top_k_never_samples_outside_the_k_most_likely():
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
     allowed = logits.topk(5).indices
-    samples = sample_topk(logits, temperature=1.0, topk=5, generator=torch.Generator().manual_seed(1))
+    uniform = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    samples = sample_topk(logits, temperature=1.0, topk=5, uniform=uniform)
     assert (allowed == samples[:, None]).any(dim=1).all()
-    assert torch.equal(sample_topk(logits, 0, 5, None), logits.argmax(dim=-1))
+    assert torch.equal(sample_topk(logits, 0, 5, uniform), logits.argmax(dim=-1))
+
+
+def test_sampling_draws_the_softmax_and_a_row_alone_as_in_any_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 8, generator=g).expand(200_000, 8)
+    codes = sample_topk(logits, 0.7, 5, torch.rand(200_000, generator=g))
+    scaled = logits[0] / 0.7
+    want = scaled.masked_fill(scaled < scaled.topk(5).values[-1], float("-inf")).softmax(-1)
+    assert (torch.bincount(codes, minlength=8) / len(codes) - want).abs().max() < 0.005  # ~4 sigma
+    # Rows with their own temperature and top-k: each row's code is what it gets sampled alone.
+    logits, uniform = torch.randn(6, 2051, generator=g), torch.rand(6, generator=g)
+    temperature, topk = torch.tensor([0.9, 0.0, 1.3, 0.5, 0.9, 2.0]), torch.tensor([50, 50, 7, 2051, 1, 300])
+    batched = sample_topk(logits, temperature, topk, uniform)
+    alone = [sample_topk(logits[i : i + 1], float(temperature[i]), int(topk[i]), uniform[i : i + 1]) for i in range(6)]
+    assert torch.equal(batched, torch.cat(alone)) and batched[1] == logits[1].argmax()
 
 
 def test_an_all_zero_frame_ends_the_audio(model, monkeypatch):
     import csm_train.generate as gen
 
-    def end_at_third_step(logits, temperature, topk, generator, calls=[0]):  # noqa: B006 (a call counter)
+    def end_at_third_step(logits, temperature, topk, uniform, calls=[0]):  # noqa: B006 (a call counter)
         calls[0] += 1
         step = (calls[0] - 1) // K  # K samples per frame
         return torch.zeros(len(logits), dtype=torch.long) if step == 2 else logits.argmax(dim=-1).clamp(min=1)
