@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI
 
-from csm_train.generate import Sampling
+from csm_train.generate import Sampling, compile_decoding
 from data_pipeline.device import resolve_device
 from data_pipeline.shards import MIMI_FRAME_RATE
 from eval.speaker import Speaker, resolve_checkpoint
@@ -52,8 +52,10 @@ class Service:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.tokenizer, cfg.codec)
-        speaker = Speaker.from_checkpoint(checkpoint, resolve_device(cfg.device), cfg.get("quantize"))
+        speaker = Speaker.from_checkpoint(checkpoint, resolve_device(cfg.device), cfg.quantize)
         self.model, self.tokenizer, self.codec = speaker.model, speaker.tokenizer, speaker.codec
+        if cfg.compile:
+            compile_decoding(self.model)  # eager, with a warning, where torch.compile is unavailable
         self.checkpoint, self.created = checkpoint, int(time.time())
         self.model_name, self.model_aliases = cfg.model_name, list(cfg.model_aliases)
         self.limits = Limits(

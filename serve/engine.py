@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csm_train.generate import Sampling, decode_frame, frame_sampler, frame_uniforms
+from csm_train.generate import EAGER, Sampling, decode_frame, frame_sampler, frame_steps, frame_uniforms
 from csm_train.model import CSM, apply_rope
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class Engine:
         self.counts["steps"] += 1
         self.counts["steps_batched"] += len(self.rows) > 1
         self.counts["steps_rows"] += len(self.rows)
-        frames = decode_frame_per_job(model, torch.cat(states), self.rows)
+        pad_to = None if frame_steps(model) is EAGER else self.max_batch
+        frames = decode_frame_per_job(model, torch.cat(states), self.rows, pad_to)
         self.t += 1
         keep = []
         now = time.monotonic()
@@ -305,12 +306,17 @@ class PrefixCache:
         self.bytes += size
 
 
-def decode_frame_per_job(model: CSM, h: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+def decode_frame_per_job(model: CSM, h: torch.Tensor, jobs: list[Job], pad_to: int | None = None) -> torch.Tensor:
     """`csm_train.generate.decode_frame` with each row sampled by its own job's settings and generator (one
     vectorised draw for the batch: `sample_topk`): the frame `[B, K]`. The depth decoder's cache is set up for
-    this step's batch, which changes as jobs come and go."""
-    model.decoder.setup_caches(len(h), model.config.num_codebooks, h.dtype, h.device)
-    uniforms = frame_uniforms(model.config.num_codebooks, [job.generator for job in jobs], h.device)
-    temperature = torch.tensor([job.sampling.temperature for job in jobs], device=h.device)
-    topk = torch.tensor([job.sampling.topk for job in jobs], device=h.device)
-    return decode_frame(model, h, frame_sampler(temperature, topk, uniforms))[0]
+    this step's batch, which changes as jobs come and go; compiled (`pad_to`), the batch is padded to one size,
+    so one set of graphs serves every step (a compiled graph's shapes are fixed: each new batch size would
+    compile again), the padding rows decoded greedily and dropped."""
+    rows, K = len(h), model.config.num_codebooks
+    pad = max(0, (pad_to or rows) - rows)
+    h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+    model.decoder.setup_caches(len(h), K, h.dtype, h.device)
+    uniforms = torch.cat([frame_uniforms(K, [job.generator for job in jobs], h.device), h.new_zeros(pad, K)])
+    temperature = torch.tensor([job.sampling.temperature for job in jobs] + [0.0] * pad, device=h.device)
+    topk = torch.tensor([job.sampling.topk for job in jobs] + [1] * pad, device=h.device)
+    return decode_frame(model, h, frame_sampler(temperature, topk, uniforms))[0][:rows]

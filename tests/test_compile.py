@@ -105,3 +105,29 @@ def test_without_compile_decoding_falls_back_to_eager_with_one_warning(model, mo
         fallback = generate(model, batch, sampling)
     assert len(caught) == 1 and frame_steps(model) is EAGER
     assert all(torch.equal(a, b) for a, b in zip(eager.codes, fallback.codes, strict=True))
+
+
+def test_the_servers_engine_compiled_pads_to_one_batch_size(model):
+    """serve's Engine after compile_decoding: jobs joining and leaving (batches of 1 and 2) decode padded to
+    `max_batch`, so one pair of decoder graphs serves every step, and each job gets the codes it gets alone."""
+    import asyncio
+
+    from serve.engine import Engine
+
+    batch = prompts(model.config.num_codebooks)
+    samplings = [Sampling(max_frames=6, seed=1), Sampling(max_frames=3, seed=2)]
+    alone = [generate(model, [p], s).codes[0] for p, s in zip(batch, samplings, strict=True)]
+    compile_decoding(model)
+
+    async def run():
+        engine = Engine(model, queue_size=2, max_batch=2)
+        jobs = [engine.submit(p, s, 60) for p, s in zip(batch, samplings, strict=True)]
+        out = []
+        for job in jobs:
+            out.append(torch.cat([c async for c in job.chunks(100)], dim=1))
+        engine.close()
+        return out
+
+    got = asyncio.run(run())
+    assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+    assert counters["stats"]["unique_graphs"] == 2  # decoder_start and decoder_next at batch 2; the backbone eager
