@@ -2,6 +2,8 @@
 
 * `fp32`, `bf16`: csm_train.generate (frame by frame with KV caches) in that precision;
 * `int8`, `int4`: the same with weight-only quantized backbone and decoder (csm_train/quantize.py);
+* `eager`, `compiled`: csm_train.generate in `--dtype`, eager or with `compile_decoding` (torch.compile; CUDA graphs on
+  a GPU), for `--device cuda`;
 * `nocache`: fp32, recomputing the whole sequence every step (must give fp32's codes);
 * `transformers`: transformers' `CsmForConditionalGeneration.generate` on the same fp32 weights (its prompt is the
   same number of positions, all embedded as text: it takes context audio only as waveforms through its codec).
@@ -35,13 +37,14 @@ from dataclasses import dataclass
 import torch
 
 from csm_train import CSM, CSMConfig
-from csm_train.generate import MIMI_CODES, Sampling, generate, prompt_frames, stream
+from csm_train.generate import MIMI_CODES, Sampling, compile_decoding, generate, prompt_frames, stream
 from csm_train.layout import Segment
 from csm_train.quantize import quantize
 from csm_train.tokenizer import ByteTokenizer
 
 FRAME_SECONDS = 0.08
-ALL_CONTENDERS = ("fp32", "bf16", "int8", "int4", "nocache", "transformers")
+ALL_CONTENDERS = ("fp32", "bf16", "int8", "int4", "eager", "compiled", "nocache", "transformers")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -69,7 +72,7 @@ def generate_without_cache(model: CSM, tokens: torch.Tensor, tokens_mask: torch.
             codes.append((y @ model.audio_head[i - 1])[:, :MIMI_CODES].argmax(-1))
         frame = torch.stack(codes, -1)  # [1, K]
         out.append(frame[0])
-        row = torch.cat([frame, torch.zeros(1, 1, dtype=torch.long)], -1)[:, None]
+        row = torch.cat([frame, torch.zeros_like(frame[:, :1])], -1)[:, None]
         row_mask = torch.ones_like(row, dtype=torch.bool)
         row_mask[..., K] = False
         tokens, tokens_mask = torch.cat([tokens, row], 1), torch.cat([tokens_mask, row_mask], 1)
@@ -124,14 +127,17 @@ def transformers_contender(config: CSMConfig, weights: dict[str, torch.Tensor], 
     return Contender("transformers", run)
 
 
-def build_contenders(names: list[str], config: CSMConfig, weights, prompt, group_size: int) -> list[Contender]:
+def build_contenders(names: list[str], config: CSMConfig, weights, prompt, group_size: int, dtype) -> list[Contender]:
     contenders = []
     for name in names:
         model = CSM.from_state_dict(config, weights).eval()  # shares `weights`' tensors: no copy
-        if name == "fp32":
+        if name in DTYPES:
+            contenders.append(ours(name, model.to(DTYPES[name]), prompt))
+        elif name in ("eager", "compiled"):
+            model = model.to(dtype)
+            if name == "compiled":
+                compile_decoding(model)
             contenders.append(ours(name, model, prompt))
-        elif name == "bf16":
-            contenders.append(ours(name, model.bfloat16(), prompt))
         elif name in ("int8", "int4"):
             contenders.append(ours(name, quantize(model, name, group_size), prompt))
         elif name == "nocache":
@@ -155,7 +161,7 @@ def bench_speed(contenders: list[Contender], frames: int, rounds: int) -> dict[s
     whole = dict(first)
     codes = {}
     for c in contenders:
-        c.run(1)  # warm-up
+        c.run(2)  # warm-up (a compiled contender compiles its prompt's and its later frames' steps)
     for _ in range(rounds):
         for c in contenders:
             first[c.name] = min(first[c.name], timed(c.run, 1)[0])
@@ -179,8 +185,8 @@ def bench_speed(contenders: list[Contender], frames: int, rounds: int) -> dict[s
 def bench_quality(contenders: list[Contender], prompt, answer: torch.Tensor) -> None:
     """Teacher-forced on the prompt followed by `answer [K, n]` (fp32's codes), against the first contender."""
     tokens, mask = prompt
-    K = answer.shape[0]
-    rows = torch.cat([answer.T, torch.zeros(answer.shape[1], 1, dtype=torch.long)], 1)
+    K, answer = answer.shape[0], answer.to(tokens.device)
+    rows = torch.cat([answer.T, torch.zeros_like(answer[:1]).T], 1)
     row_mask = torch.ones_like(rows, dtype=torch.bool)
     row_mask[:, K] = False
     tokens, mask = torch.cat([tokens, rows])[None], torch.cat([mask, row_mask])[None]
@@ -216,6 +222,8 @@ def main():
     parser.add_argument("--context", type=int, default=150, help="audio frames of context (one earlier turn)")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS), help=f"comma-separated: {ALL_CONTENDERS}")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, contenders alternating; best kept")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (int8/int4 and transformers: cpu only)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="the eager and compiled contenders'")
     parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
     parser.add_argument("--threads", type=int, help="torch threads (default torch's); 1 is steadier on a busy CPU")
     parser.add_argument("--quality", action="store_true", help="also teacher-forced agreement with the first")
@@ -224,12 +232,14 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CSMConfig.preset(args.preset, text_vocab_size=ByteTokenizer.vocab_size)
-    weights = random_weights(config)
+    weights = {name: t.to(args.device) for name, t in random_weights(config).items()}
     K = config.num_codebooks
     torch.manual_seed(0)
     context = [Segment(1, "so what did you think of it", torch.randint(1, 2048, (K, args.context)))]
     prompt = prompt_frames(ByteTokenizer(), K, "i liked it more than i expected", 0, context)
-    contenders = build_contenders(args.contenders.split(","), config, weights, prompt, args.group_size)
+    prompt = tuple(t.to(args.device) for t in prompt)
+    names = args.contenders.split(",")
+    contenders = build_contenders(names, config, weights, prompt, args.group_size, DTYPES[args.dtype])
     print(
         f"{args.preset}: {len(prompt[0])} prompt frames, {args.frames} generated ({args.frames * FRAME_SECONDS:.2f} s "
         f"of audio), {torch.get_num_threads()} threads, best of {args.rounds} alternating rounds"
