@@ -20,13 +20,24 @@ uses.
 """
 
 import functools
+import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torchtune
 from huggingface_hub import PyTorchModelHubMixin
-from torchtune.models import llama3_2
+
+# torchtune 0.6.1 (its last release) imports NF4 from `torchao.dtypes.nf4tensor`, which torchao 0.15 moved to
+# `torchao.quantization.quantize_.workflows.nf4.nf4_tensor`, and peft (our LoRA) refuses a torchao older than
+# 0.16 once one is installed: the same module under its old name lets both live in one environment.
+if importlib.util.find_spec("torchao.dtypes.nf4tensor") is None:
+    sys.modules["torchao.dtypes.nf4tensor"] = importlib.import_module(
+        "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+    )
+import torchtune  # noqa: E402
+from torchtune.models import llama3_2  # noqa: E402
 
 
 def llama3_2_1B(**dims) -> torchtune.modules.transformer.TransformerDecoder:
