@@ -201,8 +201,8 @@ def decode_frame(
     """One frame from the backbone's last state `h [B, D]`: c0 from `codebook0_head`, then codebooks 1..K-1
     from the depth decoder, each fed back as its next input. `sample(logits, codebook)` turns logits over the
     real codes `[B, MIMI_CODES]` into codes `[B]` (`frame_sampler`). Returns the frame `[B, K]` and the c0 and
-    depth-decoder logits. The decoder's steps are compiled after
-    `compile_decoding(model)`; sampling always runs eagerly, between them."""
+    depth-decoder logits. The decoder's steps are compiled after `compile_decoding(model)`; sampling always runs
+    eagerly, between them."""
     K, steps = model.config.num_codebooks, frame_steps(model)
     h = h.clone(memory_format=torch.contiguous_format)  # `[:, -1]` of one row keeps odd strides: a recompile
     steps.keep_caches(model.decoder)

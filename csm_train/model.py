@@ -296,15 +296,19 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"{T} positions exceed max_seq_len={self.cfg.max_seq_len} of this transformer")
         positions = torch.arange(T, device=x.device).expand(B, T) if input_pos is None else input_pos
-        # RoPE angles in fp32 whatever the compute dtype (positions up to 2048 lose digits in bf16).
-        angles = positions[:, None, :, None].float() * self.rope_freqs.float()
-        rotation = torch.polar(torch.ones_like(angles), angles)
+        rotation = self.rotation(positions)[:, None]  # [B, 1, T, head_dim/2]
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, rotation, input_pos, mask, use_reentrant=False)
             else:
                 x = layer(x, rotation, input_pos, mask)
         return self.norm(x)
+
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE's unit complex numbers `[..., head_dim/2]` for `positions [...]`, as `apply_rope` takes them. The
+        angles are fp32 whatever the compute dtype (positions up to 2048 lose digits in bf16)."""
+        angles = positions[..., None].float() * self.rope_freqs.float()
+        return torch.polar(torch.ones_like(angles), angles)
 
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
         for layer in self.layers:

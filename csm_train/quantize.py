@@ -169,7 +169,6 @@ def quantize(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) 
                 parent = transformer.get_submodule(parent_name) if parent_name else transformer
                 setattr(parent, attr, QuantizedLinear.from_linear(module, mode, group_size))
     model.eval().requires_grad_(False)
-    model.quantized = mode if mode == "int8" else f"int4 (group {group_size})"
     return model
 
 

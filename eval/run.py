@@ -53,9 +53,9 @@ def evaluate(cfg: DictConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint, tokenizer_cfg, cfg.codec)
     device = resolve_device(cfg.device)
     speaker = Speaker.from_checkpoint(
-        checkpoint, device, cfg.get("quantize"), **OmegaConf.to_container(cfg.speaker, resolve=True)
+        checkpoint, device, cfg.quantize, **OmegaConf.to_container(cfg.speaker, resolve=True)
     )
-    if cfg.get("compile"):
+    if cfg.compile:
         compile_decoding(speaker.model)  # eager, with a warning, where compile is unavailable
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(checkpoint)
     suites = {name: hydra.utils.instantiate(suite) for name, suite in cfg.suite.items()}

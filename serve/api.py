@@ -40,7 +40,7 @@ from csm_train.generate import Sampling
 from csm_train.layout import Segment, conversation_frames
 from data_pipeline.audio import AudioError
 from data_pipeline.shards import MIMI_FRAME_RATE
-from serve.context import DoesNotFit, fit, segment_length
+from serve.context import DoesNotFit, fit
 from serve.conversations import CONVERSATION_ID
 from serve.encode import MEDIA_TYPES, Encoder
 from serve.engine import QueueFull
@@ -143,8 +143,9 @@ async def speech(body: SpeechRequest, request: Request):
         seed=body.seed,
     )
     try:
-        prefix = segment_length(service.tokenizer, prompt.segments[0]) if prompt.voice_frames else 0  # the voice
-        job = service.engine.submit((frames.tokens, frames.tokens_mask), sampling, limits.max_request_seconds, prefix)
+        job = service.engine.submit(
+            (frames.tokens, frames.tokens_mask), sampling, limits.max_request_seconds, prompt.voice_positions
+        )
     except QueueFull as error:
         raise APIError(429, str(error), None, "queue_full") from None
 

@@ -29,6 +29,7 @@ class Prompt:
     context_turns: int  # how many context turns it kept
     pruned_turns: int  # conversation / context turns left out
     voice_frames: int  # frames of the voice's clip kept (0: none)
+    voice_positions: int  # the voice's turn (text and clip) at the prompt's start, in positions (0: none)
 
 
 class DoesNotFit(ValueError):
@@ -66,12 +67,14 @@ def fit(
         pruned += 1
     voice_turn = None if voice is None else voice_segment(tokenizer, voice, speaker, room - used)
     segments = [*([voice_turn] if voice_turn else []), *history, *context]
+    lengths = [segment_length(tokenizer, s) for s in [*segments, answer]]
     return Prompt(
         [*segments, answer],
-        sum(segment_length(tokenizer, s) for s in [*segments, answer]),
+        sum(lengths),
         len(segments),
         pruned,
         0 if voice_turn is None else voice_turn.codes.shape[1],
+        0 if voice_turn is None else lengths[0],
     )
 
 

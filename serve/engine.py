@@ -287,8 +287,7 @@ class PrefixCache:
         else:
             self.hits += 1
             self.entries.move_to_end(key)
-        angles = start * backbone.rope_freqs.float()
-        rotation = torch.polar(torch.ones_like(angles), angles)  # by `start` positions, as Transformer.forward
+        rotation = backbone.rotation(torch.tensor(start, device=tokens.device))  # by `start` positions
         for layer, (k, v) in zip(backbone.layers, entry, strict=True):
             cache = layer.attn.kv_cache
             cache.k[:, :, start : start + length] = apply_rope(k, rotation)
