@@ -16,7 +16,6 @@ from pathlib import Path
 
 from csm_train.checkpoint import (
     TRUST_FLAG,
-    UntrustedCheckpointError,
     load_checkpoint,
     save_checkpoint,
     save_gguf,
@@ -120,11 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             trust_pickle=args.trust_pickle,
             qtype=args.qtype or "q8_0",
         )
-    except UntrustedCheckpointError as error:
-        parser.exit(2, f"error: {error}\n")
-    except ValueError as error:
-        if args.to != "gguf":
-            raise
+    except (ValueError, FileNotFoundError) as error:  # a bad source or option, an untrusted pickle
         parser.exit(2, f"error: {error}\n")
     print(f"{args.source} → {args.out} ({args.to}): {model.num_parameters():,} parameters")
 

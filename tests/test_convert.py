@@ -3,6 +3,7 @@ ways bit-exactly."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from conftest import random_frames
 
 from csm_train import CSM, CSMConfig, Segment, collate, conversation_frames, csm_loss
 from csm_train.convert import convert
+from csm_train.convert import main as convert_main
 from csm_train.formats import (
     SESAME_FLAVORS,
     config_from_sesame,
@@ -246,6 +248,24 @@ def test_from_pretrained_errors_name_the_file_and_the_fix(hf_pair, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"truncated.*model\.safetensors"):
         CSM.from_pretrained(tmp_path / "truncated")
+
+
+def test_cli_names_a_bad_source_and_exits_2(hf_pair, tmp_path, capsys):
+    """The CLI turns a bad source into one line on stderr and exit status 2, for every target, not a traceback."""
+    _, ours = hf_pair
+    ours.save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for source, to, message in [
+        (tmp_path / "missing", "ours", "does not exist"),
+        (tmp_path / "truncated", "sesame", r"truncated.*model\.safetensors"),
+        (tmp_path / "truncated", "transformers", r"truncated.*model\.safetensors"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            convert_main([str(source), str(tmp_path / f"out-{to}"), "--to", to])
+        assert exit_.value.code == 2
+        assert re.search(f"error: .*{message}", capsys.readouterr().err)
+        assert not (tmp_path / f"out-{to}").exists()
 
 
 @pytest.mark.slow
