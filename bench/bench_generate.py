@@ -3,7 +3,7 @@
 * `fp32`, `bf16`: csm_train.generate (frame by frame with KV caches) in that precision;
 * `int8`, `int4`: the same with weight-only quantized backbone and decoder (csm_train/quantize.py);
 * `eager`, `compiled`: csm_train.generate in `--dtype`, eager or with `compile_decoding` (torch.compile; CUDA graphs on
-  a GPU), for `--device cuda`;
+  a GPU), for `--device cuda`; any of ours with `+compiled` (`int8+compiled`) decodes compiled too;
 * `nocache`: fp32, recomputing the whole sequence every step (must give fp32's codes);
 * `transformers`: transformers' `CsmForConditionalGeneration.generate` on the same fp32 weights (its prompt is the
   same number of positions, all embedded as text: it takes context audio only as waveforms through its codec).
@@ -129,7 +129,10 @@ def transformers_contender(config: CSMConfig, weights: dict[str, torch.Tensor], 
 
 def build_contenders(names: list[str], config: CSMConfig, weights, prompt, group_size: int, dtype) -> list[Contender]:
     contenders = []
-    for name in names:
+    for full_name in names:
+        name, _, suffix = full_name.partition("+")
+        if suffix not in ("", "compiled") or (suffix and name not in (*DTYPES, "int8", "int4")):
+            raise ValueError(f"unknown contender {full_name!r}: '+compiled' follows fp32, bf16, int8 or int4")
         model = CSM.from_state_dict(config, weights).eval()  # shares `weights`' tensors: no copy
         if name in DTYPES:
             contenders.append(ours(name, model.to(DTYPES[name]), prompt))
@@ -146,6 +149,9 @@ def build_contenders(names: list[str], config: CSMConfig, weights, prompt, group
             contenders.append(transformers_contender(config, weights, prompt))
         else:
             raise ValueError(f"unknown contender {name!r}: choose from {ALL_CONTENDERS}")
+        if suffix:
+            compile_decoding(model)
+            contenders[-1].name = full_name
         gc.collect()
     return contenders
 

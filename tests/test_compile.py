@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from csm_train import CSM, CSMConfig
 from csm_train.generate import EAGER, Sampling, compile_decoding, decode_frame, frame_steps, generate, prompt_frames
 from csm_train.layout import Segment
+from csm_train.quantize import quantize
 from csm_train.tokenizer import ByteTokenizer
 
 
@@ -131,3 +132,18 @@ def test_the_servers_engine_compiled_pads_to_one_batch_size(model):
     got = asyncio.run(run())
     assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
     assert counters["stats"]["unique_graphs"] == 2  # decoder_start and decoder_next at batch 2; the backbone eager
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decoding_gives_its_eager_codes(model, mode):
+    """`quantize=... compile=true` together: the packed int8/int4 kernels inside the compiled steps give the
+    quantized model's eager codes (bench/RESULTS.md: the pair is the fastest CPU decoding)."""
+    quantize(model, mode)
+    batch, sampling = prompts(model.config.num_codebooks), Sampling(max_frames=6, seed=7)
+    eager = generate(model, batch, sampling)
+    assert compile_decoding(model)
+    compiled = generate(model, batch, sampling)
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    for a, b in zip(eager.codes, compiled.codes, strict=True):
+        assert a.shape == (model.config.num_codebooks, 6) and torch.equal(a, b)
+    torch.testing.assert_close(compiled.decoder_logits, eager.decoder_logits, rtol=1e-3, atol=1e-3)
