@@ -69,6 +69,23 @@ def test_packed_kernel_equals_dequantized_matmul(mode, group_size):
     assert weight_error < (0.01 if mode == "int8" else 0.1)
 
 
+def test_int4_clip_search_clips_and_is_the_same_in_row_chunks():
+    """The clip search picks ratios below 1 for some Gaussian groups (it does something) and gives the same
+    ratios searched in row chunks as whole (the chunking is for speed only)."""
+    import csm_train.quantize as quantize_module
+
+    w = torch.randn(1100, 8, 32, generator=torch.Generator().manual_seed(0))
+
+    def round_trip(w, ratio):
+        q, scales, zeros = quantize_module._int4_params(w, ratio)
+        return (q - 8) * scales + zeros
+
+    chunked = quantize_module._best_clip(w, round_trip, rows=512)
+    whole = quantize_module._best_clip(w, round_trip, rows=len(w))
+    assert chunked.shape == (1100, 8, 1) and torch.equal(chunked, whole)
+    assert 0.1 < (whole < 1).float().mean() < 1
+
+
 def test_group_size_must_divide_the_inputs():
     with pytest.raises(ValueError, match="group_size=128 does not divide the 64"):
         QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), "int4", 128)
