@@ -30,8 +30,7 @@
 #                audio vs a lone client (issue 16); skipped where the machine lacks what serve imports
 #   decode_1b    bench/bench_generate.py --device cuda --preset 1b --dtype bf16 --contenders eager,compiled: batch 1
 #                RTF (all 32 codebooks) and time to the first 5 frames, eager vs compile_decoding (torch.compile with
-#                CUDA graphs; issue 17 item 2, goal RTF <= 0.2 and first audio <= 200 ms on an H100/H200);
-#                "missing" until bench_generate.py takes --device and a compiled contender
+#                CUDA graphs; issue 17 item 2, goal RTF <= 0.2 and first audio <= 200 ms on an H100/H200)
 #   ckpt_1b      (if time is left) the 1b step again with activation checkpointing: its compute and memory cost
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -245,20 +244,16 @@ else
 fi
 
 # ---- decoding speed: eager vs compiled frame steps, 1b bf16, batch 1 (issue 17 item 2) ------------------------
-# bench_generate.py (another engineer's) prints a `decode: CONTENDER ...` line per contender, or its markdown table.
-if grep -q -- '--device' bench/bench_generate.py 2>/dev/null && grep -q '"compiled"' bench/bench_generate.py; then
-    run decode_1b 240 "$PY" bench/bench_generate.py --device $DEV --preset $BIG --dtype bf16 --contenders eager,compiled \
-        --frames 64
-    LINES=$(grep -E '^decode:|^\| (eager|compiled) \|' "$LOGS/decode_1b.log" | sed 's/^decode: *//')
-    if ((RC == 0)) && [ -n "$LINES" ]; then
-        while read -r line; do say "check decode_1b: $line (${SECONDS_TAKEN}s)"; done <<<"$LINES"
-    elif ((RC == 0)); then
-        say "check decode_1b: ran but printed no contender line (see $LOGS/decode_1b.log)"
-    else
-        say "check decode_1b: $(why decode_1b)"
-    fi
+run decode_1b 240 "$PY" bench/bench_generate.py --device $DEV --preset $BIG --dtype bf16 --contenders eager,compiled \
+    --frames 64
+LINES=$(grep -E '^\| (eager|compiled) \|' "$LOGS/decode_1b.log" |
+    awk -F' *[|] *' '{printf "%s: first frame (prefill + 1) %s s, %s frames/s, RTF %s, %s eager\n", $2, $3, $4, $5, $6}')
+if ((RC == 0)) && [ -n "$LINES" ]; then
+    while read -r line; do say "check decode_1b: $line (${SECONDS_TAKEN}s)"; done <<<"$LINES"
+elif ((RC == 0)); then
+    say "check decode_1b: ran but printed no contender line (see $LOGS/decode_1b.log)"
 else
-    say "check decode_1b: missing (bench/bench_generate.py has no --device or compiled contender yet)"
+    say "check decode_1b: $(why decode_1b)"
 fi
 
 # ---- 1b with activation checkpointing: what it costs (compute) and saves (memory) ---------------------------
