@@ -24,6 +24,8 @@ decoding it once.
     python bench/bench_generate.py --preset 100m --frames 32 --quality
     python bench/bench_generate.py --preset 1b --frames 4 --context 50 --rounds 1 --quality \
         --contenders fp32,bf16,int8,int4,transformers
+    python bench/bench_generate.py --checkpoint runs/tiny/speech_demo/checkpoints/last.ckpt --quality \
+        --contenders fp32,int8,int4
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from csm_train import CSM, CSMConfig
+from csm_train.checkpoint import load_checkpoint
 from csm_train.generate import MIMI_CODES, Sampling, compile_decoding, generate, prompt_frames, stream
 from csm_train.layout import Segment
 from csm_train.quantize import quantize
@@ -224,6 +227,9 @@ def bench_quality(contenders: list[Contender], prompt, answer: torch.Tensor) -> 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument(
+        "--checkpoint", help="a trained model (any format csm_train reads) instead of --preset's random weights"
+    )
     parser.add_argument("--frames", type=int, default=64, help="frames to generate (80 ms each)")
     parser.add_argument("--context", type=int, default=150, help="audio frames of context (one earlier turn)")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS), help=f"comma-separated: {ALL_CONTENDERS}")
@@ -237,8 +243,12 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = CSMConfig.preset(args.preset, text_vocab_size=ByteTokenizer.vocab_size)
-    weights = {name: t.to(args.device) for name, t in random_weights(config).items()}
+    if args.checkpoint:
+        config, weights = load_checkpoint(args.checkpoint)
+    else:
+        config = CSMConfig.preset(args.preset, text_vocab_size=ByteTokenizer.vocab_size)
+        weights = random_weights(config)
+    weights = {name: t.to(args.device) for name, t in weights.items()}
     K = config.num_codebooks
     torch.manual_seed(0)
     context = [Segment(1, "so what did you think of it", torch.randint(1, 2048, (K, args.context)))]
@@ -247,8 +257,9 @@ def main():
     names = args.contenders.split(",")
     contenders = build_contenders(names, config, weights, prompt, args.group_size, DTYPES[args.dtype])
     print(
-        f"{args.preset}: {len(prompt[0])} prompt frames, {args.frames} generated ({args.frames * FRAME_SECONDS:.2f} s "
-        f"of audio), {torch.get_num_threads()} threads, best of {args.rounds} alternating rounds"
+        f"{args.checkpoint or args.preset}: {len(prompt[0])} prompt frames, {args.frames} generated "
+        f"({args.frames * FRAME_SECONDS:.2f} s of audio), {torch.get_num_threads()} threads, best of {args.rounds} "
+        "alternating rounds"
     )
     codes = bench_speed(contenders, args.frames, args.rounds)
     if args.quality:
