@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from csm_train import CSMConfig
 from csm_train.model import TransformerConfig
+from csm_train.quantize import DEFAULT_GROUP_SIZE, INNER_K_TILES
 
 CONTENDERS = ("fp32", "bf16", "int8", "int8-fp32x", "int4", "int8-inductor", "w8a8")
-GROUP_SIZE = 32
 
 
 def layer_shapes(config: TransformerConfig) -> list[tuple[int, int]]:
@@ -75,9 +75,11 @@ def kernels(name: str, shapes: list[tuple[int, int]], generator: torch.Generator
                 calls.append(lambda x, q=q, s=s: _dequantized_reduce(x, q, s))
             nbytes.append(q.nbytes + s.nbytes)
         elif name == "int4":
-            q = torch._convert_weight_to_int4pack_for_cpu(rand_int(0, 16, (N, K)).to(torch.int32), 1)
-            sz = torch.rand(K // GROUP_SIZE, N, 2, generator=generator).to(torch.bfloat16)
-            calls.append(lambda x, q=q, sz=sz: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q, 32, sz))
+            q = torch._convert_weight_to_int4pack_for_cpu(rand_int(0, 16, (N, K)).to(torch.int32), INNER_K_TILES)
+            sz = torch.rand(K // DEFAULT_GROUP_SIZE, N, 2, generator=generator).to(torch.bfloat16)
+            calls.append(
+                lambda x, q=q, sz=sz: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q, DEFAULT_GROUP_SIZE, sz)
+            )
             nbytes.append(q.nbytes + sz.nbytes)
         elif name == "w8a8":
             with warnings.catch_warnings():

@@ -73,6 +73,12 @@ def _int4_params(w: torch.Tensor, ratio) -> tuple[torch.Tensor, torch.Tensor, to
     return ((w - zeros) / scales + 8).round().clamp(0, 15), scales, zeros
 
 
+def int4_round_trip(w: torch.Tensor, ratio) -> torch.Tensor:
+    """Groups `w [..., group_size]` quantized to int4 over `ratio` of their range and back (the clip search's)."""
+    q, scales, zeros = _int4_params(w, ratio)
+    return (q - 8) * scales + zeros
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight [N, K]` → (`q [N, K]` int32 in 0..15, `scales_and_zeros [K/group_size, N, 2]` bf16) with
     `weight[n, k] ≈ (q[n, k] - 8) * s[k//g, n] + z[k//g, n]` (the layout of `_weight_int4pack_mm_for_cpu`)."""
@@ -80,12 +86,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     if K % group_size:
         raise ValueError(f"int4 group_size={group_size} does not divide the {K} input features of a linear layer")
     w = weight.detach().float().reshape(N, K // group_size, group_size)
-
-    def round_trip(w, ratio):
-        q, scales, zeros = _int4_params(w, ratio)
-        return (q - 8) * scales + zeros
-
-    q, scales, zeros = _int4_params(w, _best_clip(w, round_trip))
+    q, scales, zeros = _int4_params(w, _best_clip(w, int4_round_trip))
     scales_and_zeros = torch.stack([scales[..., 0], zeros[..., 0]], dim=-1).transpose(0, 1).contiguous()
     return q.to(torch.int32).reshape(N, K), scales_and_zeros.to(torch.bfloat16)
 

@@ -72,16 +72,11 @@ def test_packed_kernel_equals_dequantized_matmul(mode, group_size):
 def test_int4_clip_search_clips_and_is_the_same_in_row_chunks():
     """The clip search picks ratios below 1 for some Gaussian groups (it does something) and gives the same
     ratios searched in row chunks as whole (the chunking is for speed only)."""
-    import csm_train.quantize as quantize_module
+    from csm_train.quantize import _best_clip, int4_round_trip
 
     w = torch.randn(1100, 8, 32, generator=torch.Generator().manual_seed(0))
-
-    def round_trip(w, ratio):
-        q, scales, zeros = quantize_module._int4_params(w, ratio)
-        return (q - 8) * scales + zeros
-
-    chunked = quantize_module._best_clip(w, round_trip, rows=512)
-    whole = quantize_module._best_clip(w, round_trip, rows=len(w))
+    chunked = _best_clip(w, int4_round_trip, rows=512)
+    whole = _best_clip(w, int4_round_trip, rows=len(w))
     assert chunked.shape == (1100, 8, 1) and torch.equal(chunked, whole)
     assert 0.1 < (whole < 1).float().mean() < 1
 
